@@ -1,0 +1,1 @@
+"""Command-line layer: argument dispatch only (installed as ``treeffn.cli``)."""

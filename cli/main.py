@@ -1,0 +1,51 @@
+"""``treeffn <verb> [hydra overrides]``: hands the rest of argv to the verb's Hydra entry point.
+
+Kept light: no torch import here, so `treeffn train --cfg job` answers in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "train": ("treeffn.cli.train", "main", "train a dense or tree-FFN language model"),
+}
+
+USAGE = """usage: treeffn <verb> [hydra overrides ...]
+
+verbs:
+{verbs}
+
+Examples:
+  treeffn train                                   tiny tree OPT on the embedded corpus (CPU, ~1 min)
+  treeffn train model=opt125m tree.depth=6        OPT-125M shape, depth-6 trees
+  treeffn train tree=dense                        the dense baseline
+  treeffn train -m tree.placement=node,post_sum   a sweep (Hydra multirun)
+  treeffn train --cfg job                         print the composed config
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(verbs="\n".join(f"  {v:<8} {d}" for v, (_, _, d) in VERBS.items())))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from treeffn import __version__
+
+        print(f"treeffn {__version__}")
+        return 0
+    verb = argv[0]
+    if verb not in VERBS:
+        print(f"treeffn: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    module, func, _ = VERBS[verb]
+    # Hydra reads sys.argv itself; give it the verb's arguments under the verb's name.
+    sys.argv = [f"treeffn {verb}", *argv[1:]]
+    getattr(importlib.import_module(module), func)()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Hydra entry point of ``treeffn train``; the work is in treeffn.training.train."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def run_name(override_dirname: str) -> str:
+    """Run-dir name from the command's overrides: the same command, the same run dir."""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname or "").strip("_")
+    return name[:200] or "default"
+
+
+if not OmegaConf.has_resolver("treeffn_run_name"):
+    OmegaConf.register_new_resolver("treeffn_run_name", run_name)
+
+
+@hydra.main(config_path="pkg://treeffn.conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from treeffn.config import ConfigError
+
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # interpolation and missing-value errors: one line
+        print(f"treeffn train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        from treeffn.training.train import train
+
+        result = train(resolved, run_dir)
+    except ConfigError as e:
+        print(f"treeffn train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(result)
+    return result["val_loss"]
+
+
+def print_summary(result: dict) -> None:
+    ffn = result["ffn"]
+    if ffn == "tree":
+        t = result["tree"]
+        arch = (f"tree FFN: {t['trees']} trees x depth {t['depth']} ({result['ffn_units']} nodes/layer), "
+                f"placement={t['placement']}, activation={t['activation']}")
+    else:
+        arch = f"dense FFN: {result['ffn_units']} units/layer"
+    print(f"model {result['model']}: {result['params_total']:,} parameters, {result['params_ffn']:,} in FFNs; {arch}")
+    print(f"active FFN units per token: {result['active_ffn_units']} of {result['ffn_units']} "
+          f"({100 * result['active_ffn_fraction']:.1f}%)")
+    print(f"trained {result['steps']} steps, {result['tokens_seen']:,} tokens in {result['wall_s']:.1f} s")
+    line = f"validation perplexity {result['val_ppl']:.2f} (loss {result['val_loss']:.4f})"
+    if result.get("unigram_val_ppl"):
+        line += f"; unigram perplexity of the validation text {result['unigram_val_ppl']:.2f}"
+    print(line)
+    if result.get("routing"):
+        m = result["routing"]["mean"]
+        print(f"routing (validation, mean over layers): dead nodes {100 * m['dead_frac']:.1f}%, "
+              f"normalized leaf entropy {m['leaf_entropy']:.3f}")
+    print(f"run dir: {result['run_dir']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The tree-structured feed-forward layer (DESIGN.md §2): one neuron per node, hard routing.
+
+K trees of depth D, N = 2^(D+1) - 1 nodes each, heap order. Node n has an input row w_n, a
+bias b_n and an output row v_n. A token walks root to leaf (right iff w_n·x + b_n > 0) and
+only the D+1 nodes on its path contribute:
+
+    placement "node":     y = sum over path nodes of  act(z_n) * v_n
+    placement "post_sum": y = act( sum over path nodes of  z_n * v_n )
+
+The path is a constant of the forward pass (stop-gradient): no router, no estimator, no
+auxiliary loss; nodes off the path get exactly zero gradient.
+
+Two implementations compute the same function:
+  * ``masked`` (training): one GEMM over all nodes, a 0/1 path mask, a second GEMM.
+  * ``gather`` (inference): walks the levels and touches only the path rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from treeffn.layers.activations import get_activation
+from treeffn.layers.routing import global_node_index, nodes_per_tree, route_from_logits
+
+PLACEMENTS = ("node", "post_sum")
+IMPLS = ("auto", "masked", "gather")
+
+# The gather path materialises (tokens, trees, d) per level; cap a chunk at this many elements.
+_GATHER_CHUNK_ELEMENTS = 1 << 24
+
+
+class TreeFFN(nn.Module):
+    """Tree feed-forward layer mapping (..., d_model) -> (..., d_model).
+
+    ``.train()`` uses the masked training path, ``.eval()`` the gather inference path (unless
+    ``impl`` forces one). ``node_visits`` counts how often each node was on a token's path
+    while ``track_stats`` is on; the routing-statistics code reads and resets it.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        depth: int,
+        trees: int,
+        placement: str = "node",
+        activation: str = "gelu",
+        bias: bool = True,
+        impl: str = "auto",
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be an integer >= 0 (levels below the root), got {depth!r}")
+        if not isinstance(trees, int) or trees < 1:
+            raise ValueError(f"trees must be an integer >= 1, got {trees!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
+        self.d_model, self.depth, self.trees = d_model, depth, trees
+        self.placement, self.activation, self.impl = placement, activation, impl
+        self.act = get_activation(activation)
+        self.nodes = nodes_per_tree(depth)
+        total = trees * self.nodes
+        self.w_in = nn.Parameter(torch.empty(total, d_model))
+        self.b_in = nn.Parameter(torch.empty(total)) if bias else None
+        self.w_out = nn.Parameter(torch.empty(total, d_model))
+        self.register_buffer("node_visits", torch.zeros(total, dtype=torch.long))
+        self.track_stats = True
+        self.reset_parameters(init_std)
+
+    # ----------------------------------------------------------------- accounting
+    @property
+    def total_nodes(self) -> int:
+        return self.trees * self.nodes
+
+    @property
+    def active_nodes(self) -> int:
+        """Nodes each token uses: one per level per tree."""
+        return self.trees * (self.depth + 1)
+
+    @property
+    def active_fraction(self) -> float:
+        return self.active_nodes / self.total_nodes
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.w_in, std=std)
+        nn.init.normal_(self.w_out, std=std)
+        if self.b_in is not None:
+            nn.init.zeros_(self.b_in)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, depth={self.depth}, trees={self.trees}, nodes={self.total_nodes}, "
+            f"active={self.active_nodes} ({self.active_fraction:.1%}), placement={self.placement}, "
+            f"activation={self.activation}, bias={self.b_in is not None}"
+        )
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.d_model:
+            raise ValueError(f"TreeFFN expects inputs with last dimension {self.d_model}, got {tuple(shape)}")
+        flat = x.reshape(-1, self.d_model)
+        impl = self.impl
+        if impl == "auto":
+            impl = "masked" if self.training else "gather"
+        y, path = self.forward_masked(flat) if impl == "masked" else self.forward_gather(flat)
+        if self.track_stats:
+            self._count_visits(path)
+        return y.view(shape)
+
+    def forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training path: all node pre-activations in one GEMM, mask to the path, second GEMM."""
+        z = F.linear(x, self.w_in, self.b_in)
+        path = route_from_logits(z.detach(), self.trees, self.depth)
+        rows = global_node_index(path, self.depth).view(x.shape[0], -1)
+        mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
+        if self.placement == "node":
+            return (self.act(z) * mask) @ self.w_out, path
+        return self.act((z * mask) @ self.w_out), path
+
+    def forward_gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference path: touches only the D+1 path rows of each tree."""
+        chunk = max(1, _GATHER_CHUNK_ELEMENTS // (self.trees * self.d_model))
+        if x.shape[0] <= chunk:
+            return self._gather_chunk(x)
+        parts = [self._gather_chunk(piece) for piece in x.split(chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _gather_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = x.shape[0]
+        offsets = torch.arange(self.trees, device=x.device) * self.nodes
+        local = torch.zeros(tokens, self.trees, dtype=torch.long, device=x.device)
+        rows, logits = [], []
+        for _ in range(self.depth + 1):
+            row = local + offsets  # (T, K) global rows
+            z = torch.bmm(self.w_in[row], x.unsqueeze(2)).squeeze(2)  # (T, K)
+            if self.b_in is not None:
+                z = z + self.b_in[row]
+            rows.append(row)
+            logits.append(z)
+            local = 2 * local + 1 + (z > 0).long()
+        rows_t = torch.stack(rows, dim=2)  # (T, K, D+1)
+        z_t = torch.stack(logits, dim=2)
+        weights = self.act(z_t) if self.placement == "node" else z_t
+        # y[t] = sum_{k,l} weights[t,k,l] * w_out[rows[t,k,l]] without building (T, K, L, d).
+        y = F.embedding_bag(
+            rows_t.view(tokens, -1), self.w_out, per_sample_weights=weights.reshape(tokens, -1), mode="sum"
+        )
+        if self.placement == "post_sum":
+            y = self.act(y)
+        return y, rows_t - offsets.view(1, -1, 1)
+
+    @torch.no_grad()
+    def _count_visits(self, path: torch.Tensor) -> None:
+        rows = global_node_index(path, self.depth).flatten()
+        self.node_visits += torch.bincount(rows, minlength=self.total_nodes)
+
+
+def tree_ffn_parameter_count(d_model: int, depth: int, trees: int, bias: bool = True) -> int:
+    total = trees * nodes_per_tree(depth)
+    return total * (2 * d_model + (1 if bias else 0))
+
+
+def matched_trees(ffn_dim: int, depth: int) -> int:
+    """Number of trees whose total nodes are closest to a dense FFN of ``ffn_dim`` units."""
+    return max(1, int(math.floor(ffn_dim / nodes_per_tree(depth) + 0.5)))

@@ -1,0 +1,74 @@
+"""LightningModule for causal language modelling with a Hugging Face model inside."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (linear, tree node tables, embeddings) decay; biases and norm weights do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class CausalLMModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, optim_cfg: dict, max_steps: int):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim_cfg
+        self.max_steps = max_steps
+        self.val_loss = MeanMetric()  # token-weighted, reduced across ranks
+        self.last_validation: dict | None = None
+        self.train_wall_s = 0.0  # accumulated over resumes through the checkpoint
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids=input_ids, labels=input_ids)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int):
+        loss = self(batch).loss
+        # HF averages over the (block_size - 1) predicted positions of each row.
+        self.val_loss.update(loss.detach(), weight=batch.shape[0] * (batch.shape[1] - 1))
+
+    def on_validation_epoch_end(self):
+        loss = float(self.val_loss.compute())
+        self.val_loss.reset()
+        ppl = math.exp(min(loss, 50.0))
+        self.log("val/loss", loss, sync_dist=False)
+        self.log("val/ppl", ppl, prog_bar=True)
+        self.last_validation = {"step": int(self.global_step), "val_loss": loss, "val_ppl": ppl}
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        opt = torch.optim.AdamW(
+            parameter_groups(self.model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"]
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, o["warmup_steps"], self.max_steps, o["min_lr_ratio"])
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["treeffn"] = {"train_wall_s": self.train_wall_s}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.train_wall_s = float(checkpoint.get("treeffn", {}).get("train_wall_s", 0.0))
