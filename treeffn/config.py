@@ -38,11 +38,19 @@ def nodes_per_tree(depth: int) -> int:
     return 2 ** (depth + 1) - 1
 
 
+def matched_trees(ffn_dim: int, depth: int) -> int:
+    """Parameter-matched tree count: the most trees whose nodes do not exceed the dense width.
+
+    OPT-125M (3072): 24 trees at depth 6, 12 at depth 7; OPT-1.3B (8192): 64 and 32.
+    """
+    return max(1, ffn_dim // nodes_per_tree(depth))
+
+
 def resolve_trees(model: dict, tree: dict) -> int:
     """tree.trees, or the parameter-matched count when it is null."""
     if tree.get("trees") is not None:
         return tree["trees"]
-    return max(1, int(model["ffn_dim"] / nodes_per_tree(tree["depth"]) + 0.5))
+    return matched_trees(model["ffn_dim"], tree["depth"])
 
 
 def machine_memory_bytes() -> int:

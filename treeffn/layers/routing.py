@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def nodes_per_tree(depth: int) -> int:
-    return 2 ** (depth + 1) - 1
+from treeffn.config import nodes_per_tree  # the one torch-free definition
 
 
 @torch.no_grad()

@@ -17,17 +17,13 @@ Two implementations compute the same function:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treeffn.config import IMPLS, PLACEMENTS
 from treeffn.layers.activations import get_activation
 from treeffn.layers.routing import global_node_index, nodes_per_tree, route_from_logits
-
-PLACEMENTS = ("node", "post_sum")
-IMPLS = ("auto", "masked", "gather")
 
 # The gather path materialises (tokens, trees, d) per level; cap a chunk at this many elements.
 _GATHER_CHUNK_ELEMENTS = 1 << 24
@@ -166,7 +162,3 @@ def tree_ffn_parameter_count(d_model: int, depth: int, trees: int, bias: bool = 
     total = trees * nodes_per_tree(depth)
     return total * (2 * d_model + (1 if bias else 0))
 
-
-def matched_trees(ffn_dim: int, depth: int) -> int:
-    """Number of trees whose total nodes are closest to a dense FFN of ``ffn_dim`` units."""
-    return max(1, int(math.floor(ffn_dim / nodes_per_tree(depth) + 0.5)))
