@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"treeffn: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     module, func, _ = VERBS[verb]
+    if verb == "train":
+        from treeffn.cli.preflight import OverrideError, check_overrides
+
+        try:
+            check_overrides(argv[1:])
+        except OverrideError as e:
+            print(f"treeffn {verb}: error: {e}", file=sys.stderr)
+            return 2
     # Hydra reads sys.argv itself; give it the verb's arguments under the verb's name.
     sys.argv = [f"treeffn {verb}", *argv[1:]]
     getattr(importlib.import_module(module), func)()

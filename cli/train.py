@@ -31,6 +31,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"treeffn train: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
+    quiet_library_logs()
     try:
         from treeffn.training.train import train
 
@@ -40,6 +41,20 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     print_summary(result)
     return result["val_loss"]
+
+
+def quiet_library_logs() -> None:
+    """Hydra's root handler would print every Lightning message twice; keep Lightning's own."""
+    import logging
+
+    logging.getLogger("lightning.pytorch").propagate = False
+    logging.getLogger("lightning.fabric").propagate = False
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def print_summary(result: dict) -> None:

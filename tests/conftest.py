@@ -21,7 +21,7 @@ def cache_dir(tmp_path_factory) -> Path:
 # A model and run small enough for a few seconds of CPU.
 TINY = [
     "model.hidden_size=32", "model.ffn_dim=64", "model.num_hidden_layers=1", "model.num_attention_heads=2",
-    "model.word_embed_proj_dim=32", "data.block_size=32", "data.batch_size=8", "tree.depth=2",
+    "model.word_embed_proj_dim=32", "data.block_size=32", "data.batch_size=8",
     "trainer.val_check_interval=10", "trainer.limit_val_batches=4", "trainer.log_every_n_steps=5",
     "checkpoint.every_n_steps=5", "logger=csv",
 ]
