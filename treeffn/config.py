@@ -10,7 +10,7 @@ import os
 
 PLACEMENTS = ("node", "post_sum")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "identity")
-IMPLS = ("auto", "masked", "gather")
+IMPLS = ("auto", "masked", "gather", "triton")
 FFN_KINDS = ("tree", "dense")
 TREE_FAMILIES = ("node",)
 DATA_SOURCES = ("embedded", "files", "hub")

@@ -104,8 +104,21 @@ class TreeFFN(nn.Module):
         flat = x.reshape(-1, self.d_model)
         impl = self.impl
         if impl == "auto":
-            impl = "masked" if self.training else "gather"
-        y, path = self.forward_masked(flat) if impl == "masked" else self.forward_gather(flat)
+            from treeffn.kernels import triton_available
+
+            if flat.is_cuda and triton_available():
+                impl = "triton"  # fused kernels (treeffn/kernels): training and inference
+            else:
+                impl = "masked" if self.training else "gather"
+        if impl == "triton":
+            from treeffn.kernels import tree_ffn_triton
+
+            y, path = tree_ffn_triton(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
+                                      self.placement, self.activation)
+        elif impl == "masked":
+            y, path = self.forward_masked(flat)
+        else:
+            y, path = self.forward_gather(flat)
         if self.track_stats:
             self._count_visits(path)
         return y.view(shape)
