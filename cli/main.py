@@ -10,6 +10,7 @@ import sys
 
 VERBS = {
     "train": ("treeffn.cli.train", "main", "train a dense or tree-FFN language model"),
+    "eval": ("treeffn.cli.eval", "main", "perplexity and lm-evaluation-harness tasks for a trained model"),
 }
 
 USAGE = """usage: treeffn <verb> [hydra overrides ...]

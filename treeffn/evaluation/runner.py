@@ -1,0 +1,279 @@
+"""``treeffn eval`` from settings to a written record: the one function the CLI calls.
+
+Order of work (cheap checks first, so a wrong command fails before any model is loaded):
+
+1. settings (``settings.py``) and task names (``harness.plan_tasks``: lm-eval installed? names known?);
+2. the model (``treeffn.models.load``), moved to the device, in eval mode: tree layers route hard;
+3. perplexity on each text set (``perplexity.py``), the validation split compared with the
+   ``val_ppl`` training logged;
+4. lm-eval tasks, once per ``num_fewshot`` value (``harness.py``);
+5. the record (``record.py``): eval.json, result.json["eval"], W&B; then the table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from treeffn.config import ConfigError
+from treeffn.evaluation.settings import EvalSettings
+
+DEFAULT_BLOCK_SIZE = 128  # block size for model.path= models without a treeffn config
+
+
+def default_eval_config() -> dict:
+    """conf/eval.yaml as a plain dict (no Hydra): what ``eval_after_train`` starts from."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    text = resources.files("treeffn.conf").joinpath("eval.yaml").read_text()
+    cfg = OmegaConf.create(text)
+    cfg.pop("hydra", None)
+    cfg.pop("defaults", None)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def evaluate(cfg: dict, console=None) -> dict:
+    """Run one evaluation as configured (a resolved conf/eval.yaml dict); returns the invocation's record."""
+    from rich.console import Console
+
+    if console is None:  # piped output gets a table wide enough to read, not 80 columns
+        console = Console(highlight=False)
+        console = console if console.is_terminal else Console(highlight=False, width=120)
+    started = time.perf_counter()
+    s = EvalSettings.from_config(cfg)
+    check_texts(s.texts)
+    plan = None
+    lm_eval_version = None
+    if s.tasks:
+        from treeffn.evaluation.harness import plan_tasks, require_lm_eval
+
+        lm_eval_version = require_lm_eval()
+        plan = plan_tasks(s.tasks, s.task_dirs, cache_dir=_cache_dir(s) / "lm-eval-datasets")
+
+    import torch
+
+    from treeffn.models.load import load_model
+
+    torch.manual_seed(s.seed)
+    loaded = load_model(run=s.run, model_path=s.model_path, ckpt=s.ckpt)
+    device = resolve_device(s.device)
+    model = loaded.model.to(device).eval()
+    routing = prepare_tree_layers(model)
+    autocast_dtype = resolve_precision(s.precision, loaded, device)
+    model_info = describe_model(loaded, routing, device, autocast_dtype)
+    console.print(f"evaluating {model_info['weights']}" + (f" (step {loaded.step})" if loaded.step is not None else "")
+                  + f" on {device}, {'bf16 autocast' if autocast_dtype else 'fp32'}")
+    console.print(f"model: {model_info['summary']}")
+    if routing:
+        console.print(f"tree FFN evaluated with hard routing, the inference path: {routing}")
+
+    data_cfg, train_batch, vlimit = validation_data(loaded, s)
+    block_size = int(data_cfg["block_size"])
+    perplexity = []
+    for name in s.texts:
+        result = measure_text_set(name, loaded, model, data_cfg, train_batch, vlimit, s, autocast_dtype)
+        entry = result.as_dict()
+        if name == "validation":
+            entry.update(compare_with_training(loaded, entry, s, block_size))
+        perplexity.append(entry)
+        console.print(perplexity_line(entry))
+
+    task_results = []
+    if plan is not None:
+        from treeffn.evaluation.harness import run_tasks
+
+        max_length = s.max_length or (block_size if loaded.source == "run" else None)
+        done_at_zero: set[str] = set()
+        for shots in s.num_fewshot:
+            # perplexity tasks are zero-shot whatever num_fewshot says: run them once
+            names = [n for n in plan.names if not (n in plan.zero_shot_only and n in done_at_zero)]
+            if not names:
+                continue
+            console.print(f"lm-eval {lm_eval_version}: {', '.join(names)} with {shots} shot(s)"
+                          + (f", limit {s.limit}" if s.limit else ""))
+            t0 = time.perf_counter()
+            results = run_tasks(model, loaded.tokenizer, plan.subset(names), shots, limit=s.limit,
+                                batch_size=s.batch_size, seed=s.seed, max_length=max_length,
+                                bootstrap_iters=s.bootstrap_iters, verbose=s.verbose)
+            done_at_zero |= {r.task for r in results if r.shots == 0}
+            for r in results:
+                task_results.append({**r.as_dict(), "requested_shots": shots, "lm_eval_version": lm_eval_version,
+                                     "seed": s.seed, "limit": s.limit, "batch_size": s.batch_size,
+                                     "max_length": max_length, "wall_s": round(time.perf_counter() - t0, 3)})
+
+    from treeffn.evaluation.record import EVAL_FORMAT, log_to_wandb, package_versions, save
+    from treeffn.evaluation.table import results_table
+
+    record = {
+        "format": EVAL_FORMAT,
+        "model": model_info,
+        "perplexity": {p["name"]: p for p in perplexity},
+        "tasks": {},
+        "lm_eval_version": lm_eval_version,
+        "versions": package_versions(),
+        "settings": s.as_dict(),
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+    for t in task_results:
+        record["tasks"].setdefault(t["task"], {})[f"{t['shots']}shot"] = t
+    out_dir = Path(s.output_dir).expanduser() if s.output_dir else (loaded.run_dir or Path(loaded.weights))
+    written = save(record, out_dir, loaded.run_dir)
+    wandb = log_to_wandb(loaded.run_dir, loaded.config, record) if s.wandb == "auto" else None
+
+    title = f"treeffn eval: {loaded.run_dir or loaded.weights}"
+    console.print(results_table(record, perplexity, task_results, title))
+    where = f"wrote {written['eval_json']}"
+    where += f"; added to {written['result_json']} under \"eval\"" if written["result_json"] else \
+        (f" (no result.json in {loaded.run_dir}: nothing added there)" if loaded.run_dir else "")
+    if wandb:
+        where += f"; logged to the run's W&B run ({wandb})"
+    console.print(where + f" [{record['wall_s']:.1f} s]")
+    return {**record, "written": written}
+
+
+# ------------------------------------------------------------------------------ helpers
+def _cache_dir(s: EvalSettings) -> Path:
+    return Path(os.path.expanduser(s.cache_dir or os.environ.get("TREEFFN_CACHE") or "~/.cache/treeffn"))
+
+
+def check_texts(texts: list[str]) -> None:
+    from treeffn.evaluation.perplexity import EMBEDDED_TEXTS
+
+    for name in texts:
+        if name in ("validation", *EMBEDDED_TEXTS):
+            continue
+        import glob
+
+        path = Path(name).expanduser()
+        if not path.exists() and not glob.glob(str(path)):
+            raise ConfigError(f"texts: {name!r} is neither a text set (validation, {', '.join(EMBEDDED_TEXTS)}) "
+                              f"nor an existing file, folder or glob")
+
+
+def resolve_device(setting: str):
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={setting}: CUDA is not available on this machine; use device=cpu")
+    return torch.device(setting)
+
+
+def resolve_precision(setting: str, loaded, device):
+    """None (fp32) or torch.bfloat16 (autocast). auto: bf16 when training used bf16 on this kind of GPU."""
+    import torch
+
+    if setting == "32":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    trained = ((loaded.config or {}).get("trainer") or {}).get("precision", "32-true")
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if str(trained).startswith("bf16") or (trained == "auto" and bf16_gpu):
+        return torch.bfloat16 if bf16_gpu else None
+    return None
+
+
+def prepare_tree_layers(model) -> str | None:
+    """Turn off node-visit counting (eval leaves routing statistics alone); describe the routing used."""
+    from treeffn.models.swap import tree_layers
+
+    layers = tree_layers(model)
+    if not layers:
+        return None
+    for layer in layers:
+        layer.track_stats = False
+    first = layers[0]
+    impl = first.impl if first.impl != "auto" else ("masked" if first.training else "gather")
+    return (f"model.eval(), TreeFFN impl={impl}; each token visits {first.active_nodes} of {first.total_nodes} "
+            f"nodes per layer ({100 * first.active_fraction:.1f}%)")
+
+
+def describe_model(loaded, routing: str | None, device, autocast_dtype) -> dict:
+    from treeffn.evaluation.record import weights_fingerprint
+
+    params = sum(p.numel() for p in loaded.model.parameters())
+    if loaded.source == "run":
+        tree = loaded.config["tree"]
+        arch = (f"tree FFN (depth {tree['depth']}, placement {tree['placement']})" if loaded.ffn == "tree"
+                else "dense FFN")
+        summary = f"{loaded.config['model']['name']} preset, {arch}, {params:,} parameters"
+    else:
+        summary = f"{type(loaded.model).__name__} from {loaded.weights}, {loaded.ffn} FFN, {params:,} parameters"
+    return {
+        "source": loaded.source,
+        "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
+        "weights": str(loaded.weights),
+        "step": loaded.step,
+        "fingerprint": weights_fingerprint(loaded.weights),
+        "ffn": loaded.ffn,
+        "params_total": params,
+        "routing": f"hard, inference path ({routing})" if routing else None,
+        "device": str(device),
+        "precision": "bf16 autocast" if autocast_dtype else "fp32",
+        "summary": summary,
+    }
+
+
+def validation_data(loaded, s: EvalSettings) -> tuple[dict, int, int | float | None]:
+    """(data config, batch size training validated with, validation batch limit) for this model."""
+    if loaded.source == "run":
+        data = dict(loaded.config["data"])
+        train_batch = int(data["batch_size"])
+        run_limit = (loaded.config.get("trainer") or {}).get("limit_val_batches", 1.0)
+        vlimit = run_limit if s.validation_limit == "run" else s.validation_limit
+    else:  # a Hugging Face dir: the embedded validation text, tokenized by the model's own tokenizer
+        data = {"source": "embedded", "corpus": "shakespeare", "tokenizer": str(loaded.weights),
+                "block_size": DEFAULT_BLOCK_SIZE, "batch_size": s.batch_size, "num_workers": 0}
+        train_batch = s.batch_size
+        vlimit = None if s.validation_limit == "run" else s.validation_limit
+    if s.block_size:
+        data["block_size"] = s.block_size
+    data["cache_dir"] = str(_cache_dir(s))
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_positions and data["block_size"] > max_positions:
+        raise ConfigError(f"data.block_size={data['block_size']} is longer than the model's "
+                          f"max_position_embeddings={max_positions}")
+    return data, train_batch, vlimit
+
+
+def measure_text_set(name, loaded, model, data_cfg, train_batch, vlimit, s, autocast_dtype):
+    from treeffn.evaluation.perplexity import measure, read_text_set, text_blocks, validation_blocks
+
+    if name == "validation":
+        seed = (loaded.config or {}).get("seed", s.seed)
+        blocks, description = validation_blocks(data_cfg, seed, train_batch, vlimit)
+    else:
+        docs, description = read_text_set(name)
+        blocks = text_blocks(docs, loaded.tokenizer, int(data_cfg["block_size"]), s.text_max_tokens)
+        if len(blocks) == 0:
+            raise ConfigError(f"texts: {name!r} has fewer tokens than one block of {data_cfg['block_size']}")
+        description += f" ({len(blocks)} blocks)"
+    return measure(name, model, blocks, s.batch_size, description, autocast_dtype)
+
+
+def compare_with_training(loaded, entry: dict, s: EvalSettings, block_size: int) -> dict:
+    """The run's logged val_ppl next to ours, when both measure the same weights on the same blocks."""
+    from treeffn.results.record import read_result
+
+    if loaded.source != "run":
+        return {}
+    result = read_result(loaded.run_dir) or {}
+    logged = result.get("val_ppl")
+    same = (logged is not None and s.validation_limit == "run" and block_size == loaded.config["data"]["block_size"]
+            and loaded.step is not None and loaded.step == result.get("steps"))
+    if not same:
+        return {"training_val_ppl": None}
+    return {"training_val_ppl": logged, "rel_diff_to_training": entry["ppl"] / logged - 1.0}
+
+
+def perplexity_line(p: dict) -> str:
+    line = f"perplexity {p['name']}: {p['ppl']:.4f} (loss {p['loss']:.6f}, {p['tokens']:,} tokens; {p['description']})"
+    if p.get("training_val_ppl"):
+        line += (f"; training logged val_ppl {p['training_val_ppl']:.4f} "
+                 f"(relative difference {p['rel_diff_to_training']:.1e})")
+    return line
