@@ -2,7 +2,6 @@
 
 * ``tree_ffn_triton``: Triton kernels for CUDA (inference and training, with a custom
   autograd Function). Triton is optional: ``triton_available()`` says whether it imports.
-* ``tree_ffn_cpu_decode``: a CPU inference path for few-token decode.
 * ``treeffn.kernels.bench``: the ``treeffn bench`` benchmark.
 
 Nothing here is imported by ``treeffn.layers`` at module load; the layer asks for it lazily.
@@ -30,11 +29,4 @@ def tree_ffn_triton(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-def tree_ffn_cpu_decode(*args, **kwargs):
-    """See ``treeffn.kernels.cpu.tree_ffn_cpu_decode``."""
-    from treeffn.kernels.cpu import tree_ffn_cpu_decode as impl
-
-    return impl(*args, **kwargs)
-
-
-__all__ = ["tree_ffn_cpu_decode", "tree_ffn_triton", "triton_available"]
+__all__ = ["tree_ffn_triton", "triton_available"]

@@ -48,6 +48,11 @@ SPARSE_WGRAD_MAX_TOKENS = 256
 CONFIG_OVERRIDES: dict[str, dict] = {}
 
 
+def _empty(*shape, **kwargs):
+    """Every output buffer comes from here, so tests can poison it (NaN) and catch unwritten elements."""
+    return torch.empty(*shape, **kwargs)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -303,8 +308,8 @@ def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False):
     T, d = x.shape
     levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
     acc_tl, acc_torch = _acc_dtype(x.dtype)
-    z = torch.empty(T, trees, levels, device=x.device, dtype=acc_torch)
-    node = torch.empty(T, trees, levels, device=x.device, dtype=torch.int32)
+    z = _empty(T, trees, levels, device=x.device, dtype=acc_torch)
+    node = _empty(T, trees, levels, device=x.device, dtype=torch.int32)
     if T == 0:
         return z, node
     cfg = route_config(T, d, inference)
@@ -325,7 +330,7 @@ def combine(coef, node, w, depth: int, out_dtype, coef_act: bool, out_act: bool,
     """out (T, d) = sum over each token's path entries of f(coef) * w[row]."""
     T, trees, levels = node.shape
     d = w.shape[1]
-    out = torch.empty(T, d, device=w.device, dtype=out_dtype)
+    out = _empty(T, d, device=w.device, dtype=out_dtype)
     if T == 0:
         return out
     kl = trees * levels
@@ -345,7 +350,7 @@ def grad_coef(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
     """dL/dz (T, K, L): <gy[t], w_out[row]> (times act'(z) for placement node)."""
     T, trees, levels = node.shape
     d = w_out.shape[1]
-    gz = torch.empty(T, trees, levels, device=gy.device, dtype=z.dtype)
+    gz = _empty(T, trees, levels, device=gy.device, dtype=z.dtype)
     if T == 0:
         return gz
     acc_tl, _ = _acc_dtype(w_out.dtype)
@@ -375,8 +380,8 @@ def weight_grads_sparse(x, gy, z, gz, node, depth: int, coef_act: bool, act_id: 
     sorted_rows, perm = torch.sort(rows, stable=True)  # stable: a fixed summation order
     # ptr[r] = first entry of row r; searchsorted needs no host sync (bincount would).
     ptr = torch.searchsorted(sorted_rows, torch.arange(total_rows + 1, device=x.device))
-    dw_in = torch.empty(total_rows, d, device=x.device, dtype=x.dtype)
-    dw_out = torch.empty_like(dw_in)
+    dw_in = _empty(total_rows, d, device=x.device, dtype=x.dtype)
+    dw_out = _empty(total_rows, d, device=x.device, dtype=x.dtype)
     acc_tl, _ = _acc_dtype(x.dtype)
     cfg = wgrad_config(d)
     be, bd = cfg["BE"], cfg["BD"]
