@@ -43,25 +43,19 @@ def evaluate(cfg: dict, console=None) -> dict:
         console = Console(highlight=False)
         console = console if console.is_terminal else Console(highlight=False, width=120)
     started = time.perf_counter()
-    s = EvalSettings.from_config(cfg)
-    check_texts(s.texts)
-    plan = None
-    lm_eval_version = None
-    if s.tasks:
-        from treeffn.evaluation.harness import plan_tasks, require_lm_eval
+    from treeffn.models.load import check_model_source, load_model
 
-        lm_eval_version = require_lm_eval()
-        plan = plan_tasks(s.tasks, s.task_dirs, cache_dir=_cache_dir(s) / "lm-eval-datasets")
+    s = EvalSettings.from_config(cfg)
+    check_model_source(run=s.run, model_path=s.model_path, ckpt=s.ckpt)
+    plan, lm_eval_version = preflight(s)
 
     import torch
-
-    from treeffn.models.load import load_model
 
     torch.manual_seed(s.seed)
     loaded = load_model(run=s.run, model_path=s.model_path, ckpt=s.ckpt)
     device = resolve_device(s.device)
     model = loaded.model.to(device).eval()
-    routing = prepare_tree_layers(model)
+    routing = prepare_tree_layers(model, device)
     autocast_dtype = resolve_precision(s.precision, loaded, device)
     model_info = describe_model(loaded, routing, device, autocast_dtype)
     console.print(f"evaluating {model_info['weights']}" + (f" (step {loaded.step})" if loaded.step is not None else "")
@@ -134,6 +128,36 @@ def evaluate(cfg: dict, console=None) -> dict:
     return {**record, "written": written}
 
 
+def preflight(s: EvalSettings):
+    """Checks that need no model: text sets exist, lm-eval is installed, task names are known.
+
+    Returns (task plan or None, lm-eval version or None).
+    """
+    check_texts(s.texts)
+    if not s.tasks:
+        return None, None
+    from treeffn.evaluation.harness import plan_tasks, require_lm_eval
+
+    version = require_lm_eval()
+    return plan_tasks(s.tasks, s.task_dirs, cache_dir=_cache_dir(s) / "lm-eval-datasets"), version
+
+
+# ------------------------------------------------------------------------------ after training
+def eval_config_for_run(run_dir, train_cfg: dict) -> dict:
+    """The eval config of ``treeffn train ... eval_after_train=true``: conf/eval.yaml, then the
+    training config's ``eval`` section, for this run, with the run's data cache."""
+    cfg = default_eval_config()
+    cfg.update(train_cfg.get("eval") or {})
+    cfg["run"] = str(run_dir)
+    cfg["data"] = {**cfg["data"], "cache_dir": train_cfg["data"]["cache_dir"]}
+    return cfg
+
+
+def check_eval_after_train(run_dir, train_cfg: dict) -> None:
+    """Before training starts: a bad task name or a missing lm-eval fails now, not hours later."""
+    preflight(EvalSettings.from_config(eval_config_for_run(run_dir, train_cfg)))
+
+
 # ------------------------------------------------------------------------------ helpers
 def _cache_dir(s: EvalSettings) -> Path:
     return Path(os.path.expanduser(s.cache_dir or os.environ.get("TREEFFN_CACHE") or "~/.cache/treeffn"))
@@ -178,7 +202,7 @@ def resolve_precision(setting: str, loaded, device):
     return None
 
 
-def prepare_tree_layers(model) -> str | None:
+def prepare_tree_layers(model, device) -> str | None:
     """Turn off node-visit counting (eval leaves routing statistics alone); describe the routing used."""
     from treeffn.models.swap import tree_layers
 
@@ -188,9 +212,22 @@ def prepare_tree_layers(model) -> str | None:
     for layer in layers:
         layer.track_stats = False
     first = layers[0]
-    impl = first.impl if first.impl != "auto" else ("masked" if first.training else "gather")
-    return (f"model.eval(), TreeFFN impl={impl}; each token visits {first.active_nodes} of {first.total_nodes} "
-            f"nodes per layer ({100 * first.active_fraction:.1f}%)")
+    return (f"model.eval(), TreeFFN impl={effective_impl(first, device)}; each token visits {first.active_nodes} "
+            f"of {first.total_nodes} nodes per layer ({100 * first.active_fraction:.1f}%)")
+
+
+def effective_impl(layer, device) -> str:
+    """The implementation TreeFFN.forward picks for this layer on ``device`` (mirrors its ``auto`` rule)."""
+    if layer.impl != "auto":
+        return layer.impl
+    if device.type == "cuda":
+        try:
+            from treeffn.kernels import triton_available
+        except ImportError:
+            triton_available = None
+        if triton_available is not None and triton_available():
+            return "triton"
+    return "masked" if layer.training else "gather"
 
 
 def describe_model(loaded, routing: str | None, device, autocast_dtype) -> dict:

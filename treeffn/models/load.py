@@ -111,11 +111,13 @@ def _strip_module_prefix(state: dict) -> dict:
     return dict(state)
 
 
-def load_from_run(run_dir: str | Path | None = None, ckpt: str | Path | None = None) -> LoadedModel:
-    """Rebuild a run's model from its config.yaml and load a checkpoint's weights into it."""
+def locate_run(run_dir: str | Path | None = None, ckpt: str | Path | None = None) -> tuple[Path, Path]:
+    """(run dir, checkpoint file) after checking that both are there; reads and imports nothing heavy."""
     ckpt_path = Path(ckpt).expanduser() if ckpt else None
     if ckpt_path is not None and not ckpt_path.is_file():
         raise ModelLoadError(f"ckpt={ckpt}: no such checkpoint file")
+    if ckpt_path is not None and ckpt_path.suffix not in CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(f"ckpt={ckpt} has suffix {ckpt_path.suffix!r}; allowed: {', '.join(CHECKPOINT_SUFFIXES)}")
     if run_dir is None:
         if ckpt_path is None:
             raise ModelLoadError("give run=<run dir>, ckpt=<checkpoint> or model.path=<Hugging Face model dir>")
@@ -129,11 +131,15 @@ def load_from_run(run_dir: str | Path | None = None, ckpt: str | Path | None = N
             raise ModelLoadError(f"run={run_dir}: no such run dir")
         if not run.is_dir():
             raise ModelLoadError(f"run={run_dir} is a file, not a run dir")
+        if not (run / "config.yaml").is_file():
+            raise ModelLoadError(f"run={run_dir} is not a treeffn run dir: it has no config.yaml")
+    return run, ckpt_path if ckpt_path is not None else find_run_checkpoint(run)
+
+
+def load_from_run(run_dir: str | Path | None = None, ckpt: str | Path | None = None) -> LoadedModel:
+    """Rebuild a run's model from its config.yaml and load a checkpoint's weights into it."""
+    run, ckpt_path = locate_run(run_dir, ckpt)
     cfg = read_run_config(run)
-    if ckpt_path is None:
-        ckpt_path = find_run_checkpoint(run)
-    if ckpt_path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ModelLoadError(f"ckpt={ckpt_path} has suffix {ckpt_path.suffix!r}; allowed: {', '.join(CHECKPOINT_SUFFIXES)}")
 
     from treeffn.data.tokenizer import load_tokenizer
     from treeffn.models.build import build_model
@@ -163,13 +169,18 @@ def load_weights(model, state: dict, ckpt_path: Path, run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ Hugging Face dirs
-def load_pretrained_dir(path: str | Path) -> LoadedModel:
-    """A model dir written by ``save_pretrained`` (config.json + weights + tokenizer files)."""
+def locate_pretrained_dir(path: str | Path) -> Path:
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ModelLoadError(f"model.path={path}: no such directory")
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"model.path={path} is not a Hugging Face model dir: it has no config.json")
+    return folder
+
+
+def load_pretrained_dir(path: str | Path) -> LoadedModel:
+    """A model dir written by ``save_pretrained`` (config.json + weights + tokenizer files)."""
+    folder = locate_pretrained_dir(path)
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -205,10 +216,19 @@ def load_pretrained_dir(path: str | Path) -> LoadedModel:
 
 
 # ------------------------------------------------------------------------------ one entry point
-def load_model(run: str | None = None, model_path: str | None = None, ckpt: str | None = None) -> LoadedModel:
-    """What ``treeffn eval run=... | model.path=... | ckpt=...`` evaluates."""
+def check_model_source(run: str | None = None, model_path: str | None = None, ckpt: str | None = None) -> None:
+    """The path checks of ``load_model`` alone: a wrong path fails before anything heavy starts."""
     if model_path and (run or ckpt):
         raise ModelLoadError("give either model.path=<Hugging Face dir> or run=/ckpt=, not both")
+    if model_path:
+        locate_pretrained_dir(model_path)
+    else:
+        locate_run(run, ckpt)
+
+
+def load_model(run: str | None = None, model_path: str | None = None, ckpt: str | None = None) -> LoadedModel:
+    """What ``treeffn eval run=... | model.path=... | ckpt=...`` evaluates."""
+    check_model_source(run, model_path, ckpt)
     if model_path:
         return load_pretrained_dir(model_path)
     return load_from_run(run, ckpt)

@@ -1,0 +1,168 @@
+"""treeffn eval on tiny real runs, offline: perplexity equals training's, real lm-eval tasks, records, errors."""
+
+import io
+import json
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from tests.conftest import TINY, run_cli
+from treeffn.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def train_cfg(cache_dir, *overrides):
+    with initialize_config_module("treeffn.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"data.cache_dir={cache_dir}", "trainer.max_steps=10", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def eval_cfg(*overrides):
+    with initialize_config_module("treeffn.conf", version_base="1.3"):
+        cfg = compose("eval", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_eval(*overrides):
+    """evaluate() in this process; returns (record, printed text)."""
+    from rich.console import Console
+
+    from treeffn.evaluation.runner import evaluate
+
+    out = io.StringIO()
+    record = evaluate(eval_cfg(*overrides), console=Console(file=out, width=140, highlight=False))
+    return record, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """One tiny tree run and one tiny dense run, trained once for this module."""
+    from treeffn.training.train import train
+
+    root = tmp_path_factory.mktemp("eval-runs")
+    train(train_cfg(cache_dir, "tree.depth=2"), root / "tree")
+    train(train_cfg(cache_dir, "tree=dense"), root / "dense")
+    return root
+
+
+def test_eval_reproduces_training_ppl_and_runs_local_tasks_at_0_and_2_shots(runs):
+    run = runs / "tree"
+    logged = json.loads((run / "result.json").read_text())
+    record, printed = run_eval(f"run={run}", "tasks=[treeffn_nextline_hamlet,treeffn_rolling_hamlet]",
+                               "num_fewshot=[0,2]", "limit=6", "batch_size=8", "texts=[validation,kjv]",
+                               "text_max_tokens=2048")
+    val = record["perplexity"]["validation"]
+    assert val["ppl"] == pytest.approx(logged["val_ppl"], rel=1e-4)
+    assert abs(val["rel_diff_to_training"]) < 1e-4
+    assert val["blocks"] == 4 * 8  # trainer.limit_val_batches=4 batches of data.batch_size=8
+    assert record["perplexity"]["kjv"]["tokens"] == (2048 // 32) * 31
+
+    # eval.json: metrics, task versions, lm-eval version, shots, seed; the same record in result.json
+    saved = json.loads((run / "eval.json").read_text())
+    mc = saved["tasks"]["treeffn_nextline_hamlet"]
+    assert set(mc) == {"0shot", "2shot"}
+    for shots, entry in mc.items():
+        assert entry["shots"] == int(shots[0]) and 0.0 <= entry["metrics"]["acc"] <= 1.0
+        assert entry["version"] == 1.0 and entry["samples"] == 6 and entry["seed"] == 0
+        assert entry["lm_eval_version"] == saved["lm_eval_version"] == "0.4.13"
+    rolling = saved["tasks"]["treeffn_rolling_hamlet"]
+    assert set(rolling) == {"0shot"}  # a perplexity task has no few-shot form: run once
+    assert rolling["0shot"]["metrics"]["word_perplexity"] > 1.0
+    assert rolling["0shot"]["metrics"]["bits_per_byte"] > 0.0
+    result = json.loads((run / "result.json").read_text())
+    assert result["eval"] == saved and result["val_ppl"] == logged["val_ppl"]
+
+    # tree models: hard routing on the inference path, and the output says so
+    assert record["model"]["ffn"] == "tree" and "impl=gather" in record["model"]["routing"]
+    assert "evaluated with hard routing, the inference path: model.eval()" in printed
+    assert "treeffn_nextline_hamlet" in printed and "relative difference" in printed
+
+    # a second eval of the same weights adds to the record instead of replacing it
+    run_eval(f"run={run}", "tasks=[]", "texts=[shakespeare]", "text_max_tokens=1024")
+    merged = json.loads((run / "eval.json").read_text())
+    assert {"validation", "kjv", "shakespeare"} <= set(merged["perplexity"])
+    assert set(merged["tasks"]["treeffn_nextline_hamlet"]) == {"0shot", "2shot"}
+
+
+def export_dense_as_hf_dir(run_dir, out_dir):
+    """A dense treeffn run as a stock Hugging Face OPT dir (a stand-in for issue 3's exporter)."""
+    from transformers import OPTForCausalLM
+
+    from treeffn.models.build import opt_config
+    from treeffn.models.load import load_from_run
+
+    loaded = load_from_run(run_dir)
+    tok = loaded.tokenizer
+    stock = OPTForCausalLM(opt_config(loaded.config["model"], len(tok), tok.pad_token_id, tok.bos_token_id,
+                                      tok.eos_token_id))
+    state = {k.replace(".fc1.fc1.", ".fc1.").replace(".fc1.fc2.", ".fc2."): v
+             for k, v in loaded.model.state_dict().items()}
+    stock.load_state_dict(state, strict=True)
+    stock.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+def test_model_path_of_a_saved_dense_opt_evaluates_like_its_run(runs, tmp_path):
+    export_dense_as_hf_dir(runs / "dense", tmp_path / "hf")
+    from_run, _ = run_eval(f"run={runs / 'dense'}", "tasks=[]", "texts=[validation]")
+    from_dir, printed = run_eval(f"model.path={tmp_path / 'hf'}", "tasks=[]", "texts=[validation]",
+                                 "data.block_size=32", "batch_size=8", "validation_limit=4")
+    assert from_dir["model"]["source"] == "hf_dir" and from_dir["model"]["routing"] is None
+    assert from_dir["perplexity"]["validation"]["blocks"] == from_run["perplexity"]["validation"]["blocks"]
+    assert from_dir["perplexity"]["validation"]["ppl"] == pytest.approx(
+        from_run["perplexity"]["validation"]["ppl"], rel=1e-5)
+    assert (tmp_path / "hf" / "eval.json").exists()
+    assert "hard routing" not in printed
+
+
+def test_unknown_task_lists_close_matches(runs):
+    with pytest.raises(ConfigError) as e:
+        run_eval(f"run={runs / 'tree'}", "tasks=[treeffn_nextline_hamlett]")
+    msg = str(e.value)
+    assert "unknown task 'treeffn_nextline_hamlett'" in msg and "treeffn_nextline_hamlet" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda root: f"run={root}/nowhere", "no such run dir"),
+    (lambda root: f"run={root}/config-only", "holds no model: no checkpoints/last.ckpt"),
+    (lambda root: f"ckpt={root}/nowhere.ckpt", "no such checkpoint file"),
+    (lambda root: f"model.path={root}/nowhere", "no such directory"),
+])
+def test_bad_model_inputs_fail_with_one_line(runs, tmp_path, make, fragment):
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.yaml").write_text((runs / "tree" / "config.yaml").read_text())
+    with pytest.raises(ConfigError) as e:
+        run_eval(make(tmp_path), "tasks=[]")
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_lm_eval_says_how_to_install_and_perplexity_still_works(runs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without the [eval] extra sees
+    with pytest.raises(ConfigError, match=r"pip install 'treeffn\[eval\]'"):
+        run_eval(f"run={runs / 'tree'}", "tasks=[treeffn_rolling_kjv]")
+    record, _ = run_eval(f"run={runs / 'tree'}", "tasks=[]", "texts=[kjv]", "text_max_tokens=1024")
+    assert record["perplexity"]["kjv"]["ppl"] > 1.0 and record["lm_eval_version"] is None
+
+
+def test_cli_error_is_one_line_with_nonzero_exit_and_writes_nothing(tmp_path):
+    out = run_cli(["eval", f"run={tmp_path}/missing"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == f"treeffn eval: error: run={tmp_path}/missing: no such run dir", out.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra or log files in the current dir
+
+
+def test_default_eval_config_is_the_documented_one():
+    from treeffn.evaluation.runner import default_eval_config
+    from treeffn.evaluation.settings import EvalSettings
+
+    cfg = default_eval_config()
+    assert cfg["tasks"] == ["treeffn_offline"] and cfg["texts"] == ["validation", "kjv"]
+    s = EvalSettings.from_config({**cfg, "run": "somewhere"})
+    assert s.num_fewshot == [0] and s.validation_limit == "run"
+    with pytest.raises(ConfigError, match="limit=0 is not allowed"):
+        EvalSettings.from_config({**cfg, "run": "x", "limit": 0})
