@@ -1,0 +1,100 @@
+"""The gated tree layer: the node family (DESIGN.md §2) for Llama-style gated MLPs.
+
+A Llama MLP is ``down(act(gate x) * up x)``: unit j has a gate row g_j, an up row u_j and an
+output column v_j. A *gated tree* keeps the tree of the node family and gives every node all
+three vectors:
+
+    gate pre-activation  z_n = g_n . x + b_n      (routing reads its sign: right iff z_n > 0)
+    up projection        u_n = u_n . x
+    placement "node":     y = sum over path nodes of  act(z_n) * u_n * v_n
+                          (exactly a Llama MLP restricted to the D+1 path units of each tree)
+    placement "post_sum": y = act( sum_path z_n v_n ) * ( sum_path u_n v_n )
+                          (our definition: the activation moves after the sum as in the
+                          non-gated post_sum, so a node's gradient does not depend on the sign
+                          of its own z_n; the up branch is summed over the same path)
+
+The path is the stop-gradient hard path of the node family. Parameters: the node family's
+``w_in`` (gate rows), ``b_in`` and ``w_out``, plus ``w_up`` (K*N, d), same order. There is no
+Triton kernel for it: ``impl`` auto picks masked (train) / gather (eval).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from treeffn.layers.routing import global_node_index, route_from_logits
+from treeffn.layers.tree_ffn import TreeFFN
+
+
+class GatedTreeFFN(TreeFFN):
+    gated = True
+
+    def __init__(self, d_model: int, depth: int, trees: int, placement: str = "node", activation: str = "silu",
+                 bias: bool = False, impl: str = "auto", init_std: float = 0.02):
+        if impl == "triton":
+            raise ValueError("gated trees have no Triton kernel; use impl=auto, masked or gather")
+        super().__init__(d_model, depth, trees, placement=placement, activation=activation, bias=bias,
+                         impl=impl, init_std=init_std)
+        self.w_up = nn.Parameter(torch.empty(self.total_nodes, d_model))
+        nn.init.normal_(self.w_up, std=init_std)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        super().reset_parameters(std)
+        if getattr(self, "w_up", None) is not None:  # TreeFFN.__init__ calls this before w_up exists
+            nn.init.normal_(self.w_up, std=std)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", gated=True"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.d_model:
+            raise ValueError(f"GatedTreeFFN expects inputs with last dimension {self.d_model}, got {tuple(shape)}")
+        flat = x.reshape(-1, self.d_model)
+        impl = self.impl if self.impl != "auto" else ("masked" if self.training else "gather")
+        y, path = self.forward_masked(flat) if impl == "masked" else self.forward_gather(flat)
+        if self.track_stats:
+            self._count_visits(path)
+        return y.view(shape)
+
+    def forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.linear(x, self.w_in, self.b_in)
+        up = F.linear(x, self.w_up)
+        path = route_from_logits(z.detach(), self.trees, self.depth)
+        rows = global_node_index(path, self.depth).view(x.shape[0], -1)
+        mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
+        if self.placement == "node":
+            return (self.act(z) * up * mask) @ self.w_out, path
+        return self.act((z * mask) @ self.w_out) * ((up * mask) @ self.w_out), path
+
+    def _gather_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = x.shape[0]
+        offsets = torch.arange(self.trees, device=x.device) * self.nodes
+        local = torch.zeros(tokens, self.trees, dtype=torch.long, device=x.device)
+        rows, gates, ups = [], [], []
+        for _ in range(self.depth + 1):
+            row = local + offsets
+            z = torch.bmm(self.w_in[row], x.unsqueeze(2)).squeeze(2)
+            if self.b_in is not None:
+                z = z + self.b_in[row]
+            rows.append(row)
+            gates.append(z)
+            ups.append(torch.bmm(self.w_up[row], x.unsqueeze(2)).squeeze(2))
+            local = 2 * local + 1 + (z > 0).long()
+        rows_t = torch.stack(rows, dim=2).view(tokens, -1)
+        z_t = torch.stack(gates, dim=2).view(tokens, -1)
+        u_t = torch.stack(ups, dim=2).view(tokens, -1)
+        if self.placement == "node":
+            y = F.embedding_bag(rows_t, self.w_out, per_sample_weights=self.act(z_t) * u_t, mode="sum")
+        else:
+            s = F.embedding_bag(rows_t, self.w_out, per_sample_weights=z_t, mode="sum")
+            v = F.embedding_bag(rows_t, self.w_out, per_sample_weights=u_t, mode="sum")
+            y = self.act(s) * v
+        return y, rows_t.view(tokens, self.trees, -1) - offsets.view(1, -1, 1)
+
+
+def gated_tree_parameter_count(d_model: int, depth: int, trees: int, bias: bool = False) -> int:
+    total = trees * (2 ** (depth + 1) - 1)
+    return total * (3 * d_model + (1 if bias else 0))
