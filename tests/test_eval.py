@@ -118,12 +118,29 @@ def test_model_path_of_a_saved_dense_opt_evaluates_like_its_run(runs, tmp_path):
     assert "hard routing" not in printed
 
 
-def test_unknown_task_lists_close_matches(runs):
+def test_unknown_task_lists_close_matches_and_offline_hub_task_fails_early(runs):
     with pytest.raises(ConfigError) as e:
         run_eval(f"run={runs / 'tree'}", "tasks=[treeffn_nextline_hamlett]")
     msg = str(e.value)
     assert "unknown task 'treeffn_nextline_hamlett'" in msg and "treeffn_nextline_hamlet" in msg
     assert "\n" not in msg
+    with pytest.raises(ConfigError, match="hub tasks \\(arc_easy\\) need the network") as e:
+        run_eval(f"run={runs / 'tree'}", "tasks=[arc_easy]")  # HF_DATASETS_OFFLINE=1 (conftest)
+    assert "\n" not in str(e.value)
+
+
+def test_an_earlier_checkpoint_gets_its_own_record_and_leaves_result_json(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "tree", run)
+    shutil.copy(run / "checkpoints" / "last.ckpt", run / "checkpoints" / "early.ckpt")
+    before = (run / "result.json").read_text()
+    record, printed = run_eval(f"ckpt={run / 'checkpoints' / 'early.ckpt'}", "tasks=[]", "texts=[kjv]",
+                               "text_max_tokens=512")
+    assert record["model"]["run_dir"] == str(run.resolve()) and record["model"]["step"] == 10
+    assert (run / "eval-early.json").exists() and (run / "result.json").read_text() == before
+    assert "result.json left as it is" in printed
 
 
 @pytest.mark.parametrize("make, fragment", [

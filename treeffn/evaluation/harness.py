@@ -13,6 +13,7 @@ needs nothing else; any other name is looked up in the harness' own index of bui
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -51,6 +52,19 @@ class TaskPlan:
         """Local tasks whose YAML pins ``num_fewshot: 0`` (perplexity tasks): one run covers every shot count."""
         return {s["task"] for s in self.specs if isinstance(s, dict) and s.get("num_fewshot") == 0}
 
+    def check_hub_data(self) -> None:
+        """Build the hub tasks once, so a data set the machine cannot get fails before any model work.
+
+        (``datasets`` caches what it downloads: the evaluation itself then reads the local copy.)
+        """
+        hub = [s for s in self.specs if isinstance(s, str)]
+        if not hub:
+            return
+        try:
+            self.task_manager.load(hub)
+        except OSError as e:  # ConnectionError / FileNotFoundError from datasets
+            raise ConfigError(data_error_message(e, hub)) from None
+
     def subset(self, names: list[str]) -> "TaskPlan":
         keep = [(n, s) for n, s in zip(self.names, self.specs) if n in names]
         return TaskPlan(names=[n for n, _ in keep], specs=[s for _, s in keep], task_manager=self.task_manager)
@@ -69,7 +83,7 @@ def plan_tasks(requested: list[str], task_dirs: list[str] = (), cache_dir=None) 
                 names.append(task)
     outside = [n for n in names if n not in local]
     if outside:
-        manager = TaskManager(include_defaults=True)  # the harness' index of its built-in tasks
+        manager = builtin_task_manager()
         known = set(manager.all_tasks)
         unknown = [n for n in outside if n not in known]
         if unknown:
@@ -78,6 +92,14 @@ def plan_tasks(requested: list[str], task_dirs: list[str] = (), cache_dir=None) 
         manager = TaskManager(include_defaults=False)
     specs = [local[n].harness_config(cache_dir) if n in local else n for n in names]
     return TaskPlan(names=names, specs=specs, task_manager=manager)
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_task_manager():
+    """The harness' index of its built-in tasks (several seconds to build: built once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=True)
 
 
 def unknown_task_message(name: str, candidates) -> str:
@@ -123,12 +145,15 @@ def run_tasks(model, tokenizer, plan: TaskPlan, num_fewshot: int, *, limit=None,
             torch_random_seed=seed, fewshot_random_seed=seed,
         )
     except OSError as e:  # ConnectionError / FileNotFoundError from datasets: a hub task offline
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hub = [s for s in plan.specs if isinstance(s, str)]
-        hint = (f"; hub tasks ({', '.join(hub)}) need the network the first time; offline, use the local tasks "
-                f"(tasks=[treeffn_offline])") if hub else ""
-        raise ConfigError(f"lm-eval could not load a task's data: {first}{hint}") from None
+        raise ConfigError(data_error_message(e, [s for s in plan.specs if isinstance(s, str)])) from None
     return [task_result(name, out) for name in out["results"]]
+
+
+def data_error_message(error: Exception, hub_tasks: list[str]) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = (f"; hub tasks ({', '.join(hub_tasks)}) need the network the first time; offline, use the local "
+            f"tasks (tasks=[treeffn_offline])") if hub_tasks else ""
+    return f"lm-eval could not load a task's data: {first}{hint}"
 
 
 def make_hflm(model, tokenizer, *, batch_size: int, max_length: int | None, quiet: bool):

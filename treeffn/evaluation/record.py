@@ -1,5 +1,8 @@
 """The evaluation record: ``eval.json`` in the run dir, a copy under ``"eval"`` in ``result.json``.
 
+(A checkpoint other than the run's ``last.ckpt`` gets ``eval-<checkpoint name>.json`` and leaves
+``result.json`` alone: the run's result record describes its final weights.)
+
 One record per set of weights. A later ``treeffn eval`` of the same checkpoint adds to it
 (a text set or a task at a shot count it already had is replaced); a record of other weights
 (the run trained on, a different ``ckpt=``) is started afresh. Layout:
@@ -73,14 +76,26 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def eval_file_name(weights: Path, run_dir: Path | None) -> str:
+    """``eval.json`` for a run's final weights (last.ckpt) or a model dir; ``eval-<ckpt>.json`` for
+    any other checkpoint, so evaluating an earlier checkpoint never overwrites the final one's record."""
+    if run_dir is None or Path(weights).resolve() == (Path(run_dir) / "checkpoints" / "last.ckpt").resolve():
+        return EVAL_FILE
+    return f"eval-{Path(weights).stem}.json"
+
+
 def save(record: dict, out_dir: Path, run_dir: Path | None) -> dict:
-    """Merge into ``out_dir/eval.json`` and the run's ``result.json``; returns what was written where."""
+    """Merge into ``out_dir/eval*.json`` and, for a run's final weights, into its ``result.json``.
+
+    Returns the paths written (``result_json`` None when result.json was not touched).
+    """
     record = {**record, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    eval_path = Path(out_dir) / EVAL_FILE
+    name = eval_file_name(Path(record["model"]["weights"]), run_dir)
+    eval_path = Path(out_dir) / name
     merged = merge(read_json(eval_path), record)
     write_json_atomic(eval_path, merged)
     written = {"eval_json": str(eval_path), "result_json": None}
-    if run_dir is not None:
+    if run_dir is not None and name == EVAL_FILE:
         result_path = Path(run_dir) / RESULT_FILE
         result = read_json(result_path)
         if result is not None:

@@ -120,8 +120,12 @@ def evaluate(cfg: dict, console=None) -> dict:
     title = f"treeffn eval: {loaded.run_dir or loaded.weights}"
     console.print(results_table(record, perplexity, task_results, title))
     where = f"wrote {written['eval_json']}"
-    where += f"; added to {written['result_json']} under \"eval\"" if written["result_json"] else \
-        (f" (no result.json in {loaded.run_dir}: nothing added there)" if loaded.run_dir else "")
+    if written["result_json"]:
+        where += f"; added to {written['result_json']} under \"eval\""
+    elif loaded.run_dir and Path(written["eval_json"]).name != "eval.json":
+        where += " (not the run's last.ckpt: result.json left as it is)"
+    elif loaded.run_dir:
+        where += f" (no result.json in {loaded.run_dir}: nothing added there)"
     if wandb:
         where += f"; logged to the run's W&B run ({wandb})"
     console.print(where + f" [{record['wall_s']:.1f} s]")
@@ -139,7 +143,9 @@ def preflight(s: EvalSettings):
     from treeffn.evaluation.harness import plan_tasks, require_lm_eval
 
     version = require_lm_eval()
-    return plan_tasks(s.tasks, s.task_dirs, cache_dir=_cache_dir(s) / "lm-eval-datasets"), version
+    plan = plan_tasks(s.tasks, s.task_dirs, cache_dir=_cache_dir(s) / "lm-eval-datasets")
+    plan.check_hub_data()
+    return plan, version
 
 
 # ------------------------------------------------------------------------------ after training
