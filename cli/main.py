@@ -11,6 +11,7 @@ import sys
 VERBS = {
     "train": ("treeffn.cli.train", "main", "train a dense or tree-FFN language model"),
     "eval": ("treeffn.cli.eval", "main", "perplexity and lm-evaluation-harness tasks for a trained model"),
+    "bench": ("treeffn.cli.bench", "main", "layer speed: tree kernels vs dense MLP (checked, then timed)"),
 }
 
 USAGE = """usage: treeffn <verb> [hydra overrides ...]

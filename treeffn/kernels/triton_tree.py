@@ -147,7 +147,7 @@ def _route_kernel(
             nc = tl.sum(tl.where(pick, cand, 0), axis=1)
             smask = tmask & ((tok * 0 + level0 + s) < LEVELS)  # block-shaped: scalar&block trips the interpreter
             tl.store(z_ptr + out_base + level0 + s, zc, mask=smask)
-            tl.store(node_ptr + out_base + level0 + s, nc, mask=smask)
+            tl.store(node_ptr + out_base + level0 + s, nc.to(tl.int64), mask=smask)
             cur = 2 * cur + 1 + (zc > 0).to(tl.int32)  # strict >: ties go left
         node = (node + 1) * (1 << SPEC) - 1 + (cur - ((1 << SPEC) - 1))
 
@@ -304,12 +304,15 @@ def _acc_dtype(dtype: torch.dtype):
 
 # --------------------------------------------------------------------------- launchers
 def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False):
-    """z (T, K, L) in the accumulator dtype and node (T, K, L) int32, local to each tree."""
+    """z (T, K, L) in the accumulator dtype and node (T, K, L) int64, local to each tree.
+
+    int64 so the path is returned as is: a conversion would be one more launch per decode step.
+    """
     T, d = x.shape
     levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
     acc_tl, acc_torch = _acc_dtype(x.dtype)
     z = _empty(T, trees, levels, device=x.device, dtype=acc_torch)
-    node = _empty(T, trees, levels, device=x.device, dtype=torch.int32)
+    node = _empty(T, trees, levels, device=x.device, dtype=torch.int64)
     if T == 0:
         return z, node
     cfg = route_config(T, d, inference)
@@ -491,4 +494,4 @@ def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str
         else:
             z, node = route(x, w_in, b_in, trees, depth, inference=True)
             y = combine(z, node, w_out, depth, dtype, coef_act=node_act, out_act=not node_act, act_id=act_id)
-    return y, node.long()
+    return y, node
