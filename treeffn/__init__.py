@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "TreeFFN": "treeffn.layers.tree_ffn",
     "DenseFFN": "treeffn.layers.dense_ffn",
+    "LeafFFN": "treeffn.layers.leaf_ffn",
+    "GatedTreeFFN": "treeffn.layers.gated_tree_ffn",
+    "save_hf": "treeffn.models.hf",
 }
 
 
@@ -20,4 +23,10 @@ def __getattr__(name):
     raise AttributeError(f"module 'treeffn' has no attribute {name!r}")
 
 
-__all__ = ["TreeFFN", "DenseFFN", "__version__"]
+__all__ = ["TreeFFN", "DenseFFN", "GatedTreeFFN", "LeafFFN", "save_hf", "__version__"]
+
+# Saved tree models (model_type treeffn_*) load with AutoModelForCausalLM.from_pretrained after
+# `import treeffn`; registration waits until transformers' Auto classes are imported (no torch here).
+from treeffn import _hf_registration  # noqa: E402
+
+_hf_registration.install()

@@ -12,10 +12,23 @@ PLACEMENTS = ("node", "post_sum")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "identity")
 IMPLS = ("auto", "masked", "gather", "triton")
 FFN_KINDS = ("tree", "dense")
-TREE_FAMILIES = ("node",)
+TREE_FAMILIES = ("node", "leaf")  # neuron per node (DESIGN §2) | FFF: routers + leaf MLPs
 DATA_SOURCES = ("embedded", "files", "hub")
 LOGGERS = ("csv", "wandb")
-MODEL_FAMILIES = ("opt",)
+MODEL_FAMILIES = ("opt", "gpt2", "llama")
+TREE_INITS = ("random", "from_dense")
+FREEZE_CHOICES = ("none", "attention", "all_but_ffn")  # model.freeze: what of the reused model stays fixed
+# The Hugging Face config.json names of each family's widths (model.init_from checks them).
+HF_WIDTH_KEYS = {
+    "opt": {"hidden_size": "hidden_size", "ffn_dim": "ffn_dim", "num_hidden_layers": "num_hidden_layers",
+            "num_attention_heads": "num_attention_heads"},
+    "gpt2": {"hidden_size": "n_embd", "ffn_dim": "n_inner", "num_hidden_layers": "n_layer",
+             "num_attention_heads": "n_head"},
+    "llama": {"hidden_size": "hidden_size", "ffn_dim": "intermediate_size", "num_hidden_layers": "num_hidden_layers",
+              "num_attention_heads": "num_attention_heads"},
+}
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
 MAX_DEPTH = 20
 
 
@@ -47,10 +60,29 @@ def matched_trees(ffn_dim: int, depth: int) -> int:
 
 
 def resolve_trees(model: dict, tree: dict) -> int:
-    """tree.trees, or the parameter-matched count when it is null."""
+    """tree.trees, or when it is null: the parameter-matched count (node family), 1 (leaf family)."""
     if tree.get("trees") is not None:
         return tree["trees"]
+    if tree.get("family", "node") == "leaf":
+        return 1
     return matched_trees(model["ffn_dim"], tree["depth"])
+
+
+def resolve_leaf_width(model: dict, tree: dict) -> int:
+    """tree.leaf_width, or when null the width that makes trees * 2^depth leaves hold ffn_dim units."""
+    if tree.get("leaf_width") is not None:
+        return tree["leaf_width"]
+    return max(1, model["ffn_dim"] // (resolve_trees(model, tree) * 2 ** tree["depth"]))
+
+
+def ffn_weight_count(model: dict, tree: dict) -> int:
+    """Weights of one tree layer (biases left out): what the memory check multiplies out."""
+    d, k = model["hidden_size"], resolve_trees(model, tree)
+    vectors = 3 if model.get("family") == "llama" else 2  # gated units have gate, up and down vectors
+    if tree.get("family", "node") == "leaf":
+        routers, leaves = 2 ** tree["depth"] - 1, 2 ** tree["depth"]
+        return k * d * (routers + leaves * resolve_leaf_width(model, tree) * vectors)
+    return k * nodes_per_tree(tree["depth"]) * vectors * d
 
 
 def machine_memory_bytes() -> int:
@@ -71,7 +103,13 @@ def validate_model_and_tree(model: dict, tree: dict) -> None:
         )
     _allowed("model.activation", model.get("activation"), ACTIVATIONS)
     _allowed("tree.ffn", tree.get("ffn"), FFN_KINDS)
+    kv_heads = model.get("num_key_value_heads")
+    if kv_heads is not None and (_int_at_least("model.num_key_value_heads", kv_heads, 1)
+                                 and model["num_attention_heads"] % kv_heads):
+        raise ConfigError(f"model.num_key_value_heads={kv_heads} must divide "
+                          f"model.num_attention_heads={model['num_attention_heads']}")
     if tree["ffn"] == "dense":
+        validate_finetune(model, tree)
         return
     _allowed("tree.family", tree.get("family"), TREE_FAMILIES)
     depth = tree.get("depth")
@@ -82,10 +120,12 @@ def validate_model_and_tree(model: dict, tree: dict) -> None:
     _allowed("tree.placement", tree.get("placement"), PLACEMENTS)
     _allowed("tree.activation", tree.get("activation"), ACTIVATIONS)
     _allowed("tree.impl", tree.get("impl"), IMPLS)
+    validate_leaf_family(model, tree)
+    validate_finetune(model, tree)
     # fp32 weights of every tree layer, twice over for the optimizer's two moments: refuse a
     # depth whose FFN weights alone would not fit in this machine's memory.
     nodes = resolve_trees(model, tree) * nodes_per_tree(depth)
-    ffn_bytes = 4 * nodes * 2 * model["hidden_size"] * model["num_hidden_layers"]
+    ffn_bytes = 4 * ffn_weight_count(model, tree) * model["num_hidden_layers"]
     limit = machine_memory_bytes()
     if 3 * ffn_bytes > limit:
         raise ConfigError(
@@ -125,3 +165,81 @@ def validate_train_config(cfg: dict) -> None:
     resume = cfg.get("resume")
     if resume not in ("auto", "never") and not (isinstance(resume, str) and resume.endswith(".ckpt")):
         raise ConfigError(f"resume={resume!r} is not allowed; choose auto, never, or a path to a .ckpt file")
+
+
+def validate_leaf_family(model: dict, tree: dict) -> None:
+    """tree.leaf_width / tree.hardening_weight, and the node-family keys the leaf family cannot take."""
+    hardening = tree.get("hardening_weight", 0.0)
+    if isinstance(hardening, bool) or not isinstance(hardening, (int, float)) or hardening < 0:
+        raise ConfigError(f"tree.hardening_weight={hardening!r} is not allowed; it must be a number >= 0")
+    if tree.get("family", "node") != "leaf":
+        if hardening:
+            raise ConfigError("tree.hardening_weight applies to tree.family=leaf only; set it to 0 or use tree.family=leaf")
+        return
+    if tree.get("leaf_width") is not None:
+        _int_at_least("tree.leaf_width", tree["leaf_width"], 1)
+    if tree.get("placement", "node") != "node":
+        raise ConfigError(f"tree.placement={tree['placement']!r} applies to tree.family=node only; "
+                          f"the leaf family mixes whole leaf MLPs (use tree.placement=node)")
+    if tree.get("impl", "auto") == "triton":
+        raise ConfigError("tree.impl='triton' is not allowed with tree.family=leaf; the kernels implement the "
+                          "node family (use tree.impl=auto)")
+
+
+def validate_finetune(model: dict, tree: dict) -> None:
+    """model.init_from / model.freeze / tree.init: a one-line error for each way they cannot work.
+
+    Reads the checkpoint's config.json (plain JSON), so a wrong dir fails before torch loads.
+    """
+    import json
+
+    init = tree.get("init", "random")
+    if tree["ffn"] == "tree":
+        _allowed("tree.init", init, TREE_INITS)
+    freeze = model.get("freeze") or "none"
+    _allowed("model.freeze", freeze, FREEZE_CHOICES)
+    path = model.get("init_from")
+    if not path:
+        if tree["ffn"] == "tree" and init == "from_dense":
+            raise ConfigError("tree.init=from_dense needs model.init_from=<dense checkpoint dir> to take fc1 rows "
+                              "and fc2 columns from")
+        if freeze != "none":
+            raise ConfigError(f"model.freeze={freeze} needs model.init_from=<checkpoint dir>: a model trained "
+                              f"from scratch has nothing pretrained to freeze")
+        return
+    folder = os.path.expanduser(str(path))
+    if not os.path.exists(folder):
+        raise ConfigError(f"model.init_from={path}: no such directory")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"model.init_from={path} is a file; give the directory save_pretrained wrote")
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"model.init_from={path} is not a Hugging Face model dir: it has no config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model.init_from={path}: config.json is not valid JSON ({e})") from None
+    model_type = hf.get("model_type")
+    if model_type not in HF_WIDTH_KEYS:
+        raise ConfigError(f"model.init_from={path} holds a {model_type!r} model; treeffn fine-tunes dense "
+                          f"checkpoints of: {', '.join(HF_WIDTH_KEYS)}")
+    if model_type != model.get("family"):
+        raise ConfigError(f"model.init_from={path} is a {model_type} checkpoint but model.family="
+                          f"{model.get('family')}; choose a {model_type} model preset (model=...)")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in HF_WEIGHT_FILES):
+        raise ConfigError(f"model.init_from={path} has no weights ({' or '.join(HF_WEIGHT_FILES[::2])})")
+    for ours, theirs in HF_WIDTH_KEYS[model_type].items():
+        value = hf.get(theirs)
+        if ours == "ffn_dim" and value is None and model_type == "gpt2":
+            value = 4 * hf.get("n_embd", 0)  # GPT-2's default inner width
+        if value is not None and value != model.get(ours):
+            raise ConfigError(f"model.{ours}={model.get(ours)} does not match the checkpoint in {path} "
+                              f"({theirs}={value}); set model.{ours}={value} or choose the matching preset")
+    if tree["ffn"] == "tree" and init == "from_dense":
+        units = (resolve_trees(model, tree) * 2 ** tree["depth"] * resolve_leaf_width(model, tree)
+                 if tree.get("family", "node") == "leaf" else resolve_trees(model, tree) * nodes_per_tree(tree["depth"]))
+        if units > model["ffn_dim"]:
+            raise ConfigError(f"tree.init=from_dense needs at most model.ffn_dim={model['ffn_dim']} tree units per "
+                              f"layer to copy dense units into, but the tree has {units}; lower tree.trees "
+                              f"(or tree.leaf_width)")

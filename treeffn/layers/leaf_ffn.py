@@ -96,6 +96,26 @@ class LeafFFN(nn.Module):
         """A token evaluates D routers and one leaf per tree in the hard path."""
         return self.trees * (self.depth + self.leaf_width)
 
+    @property
+    def active_fraction(self) -> float:
+        return self.active_units / self.total_units
+
+    @property
+    def total_nodes(self) -> int:
+        """Routers plus leaves (the heap ``node_visits`` counts), per layer."""
+        return self.trees * self.nodes
+
+    @property
+    def active_nodes(self) -> int:
+        return self.trees * (self.depth + 1)
+
+    @property
+    def impl(self) -> str:
+        """The routing the next forward uses (named like the node family's ``impl`` for reports)."""
+        if self.routing != "auto":
+            return self.routing
+        return "soft" if self.training else "hard"
+
     def reset_parameters(self, std: float = 0.02) -> None:
         for p in (self.router_w, self.leaf_in, self.leaf_up, self.leaf_out):
             if p is not None:
@@ -245,7 +265,7 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
 
 def mean_router_entropy(model: nn.Module) -> float | None:
     """Mean over leaf layers of the router entropy of their last soft forward (for logging)."""
-    values = [float(m.last_router_entropy) for m in leaf_layers(model) if m.last_router_entropy is not None]
+    values = [float(m.last_router_entropy.detach()) for m in leaf_layers(model) if m.last_router_entropy is not None]
     return sum(values) / len(values) if values else None
 
 

@@ -72,9 +72,19 @@ class PrunedTreeFFN(nn.Module):
             new.node_visits.copy_(layer.node_visits)
         return new
 
+    impl = "pruned"  # one implementation: the level walk
+
     @property
     def active_nodes(self) -> int:
         return self.trees * (self.depth + 1)
+
+    @property
+    def total_nodes(self) -> int:
+        return self.kept
+
+    @property
+    def active_fraction(self) -> float:
+        return self.active_nodes / max(1, self.kept)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, depth={self.depth}, trees={self.trees}, kept={self.kept} of "

@@ -1,4 +1,17 @@
-"""Model presets (conf/model/*.yaml) to Hugging Face models with dense or tree feed-forward blocks."""
+"""Model presets (conf/model/*.yaml) to Hugging Face models with dense or tree feed-forward blocks.
+
+Two regimes:
+
+* from scratch (``model.init_from: null``): the family's config from the preset, random init;
+* fine-tune (``model.init_from=<dir>``): a dense OPT / GPT-2 / Llama checkpoint written by
+  ``save_pretrained``; attention, embeddings and norms are kept bit for bit and the MLPs are
+  replaced by tree layers initialised at random (``tree.init=random``) or from the dense
+  weights (``tree.init=from_dense``, treeffn/models/from_dense.py). ``model.freeze`` can fix
+  the reused parts.
+
+Tree models are built as the registered tree classes (treeffn/models/hf.py), so
+``save_hf`` writes a dir that ``AutoModelForCausalLM.from_pretrained`` reloads.
+"""
 
 from __future__ import annotations
 
@@ -6,85 +19,205 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from treeffn.config import resolve_trees
-from treeffn.layers import DenseFFN, TreeFFN
-from treeffn.models.swap import ffn_modules, swap_mlp, tree_layers
+from treeffn.config import ConfigError
+from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES, LeafFFN, PrunedLeafFFN, PrunedTreeFFN, TreeFFN
+from treeffn.layers.dense_ffn import dense_units
+from treeffn.models.families import FAMILIES, config_widths, hf_config_kwargs, init_std_of
+from treeffn.models.swap import ffn_modules, model_family, swap_mlp, tree_layers
+from treeffn.models.tree_settings import make_tree_layer, tree_settings
 
 
 def opt_config(model_cfg: dict, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    """The stock OPT config of an OPT preset (kept for callers that build OPT by hand)."""
     from transformers import OPTConfig
 
-    return OPTConfig(
-        vocab_size=vocab_size,
-        hidden_size=model_cfg["hidden_size"],
-        ffn_dim=model_cfg["ffn_dim"],
-        num_hidden_layers=model_cfg["num_hidden_layers"],
-        num_attention_heads=model_cfg["num_attention_heads"],
-        max_position_embeddings=model_cfg["max_position_embeddings"],
-        word_embed_proj_dim=model_cfg["word_embed_proj_dim"],
-        do_layer_norm_before=model_cfg["do_layer_norm_before"],
-        dropout=model_cfg["dropout"],
-        attention_dropout=0.0,
-        activation_function=model_cfg["activation"],
-        pad_token_id=pad_id,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-    )
+    return OPTConfig(**hf_config_kwargs({**model_cfg, "family": "opt"}, vocab_size, pad_id, bos_id, eos_id))
 
 
-def make_tree_ffn(model_cfg: dict, tree_cfg: dict, init_std: float = 0.02) -> TreeFFN:
-    layer = TreeFFN(
-        d_model=model_cfg["hidden_size"],
-        depth=tree_cfg["depth"],
-        trees=resolve_trees(model_cfg, tree_cfg),
-        placement=tree_cfg["placement"],
-        activation=tree_cfg["activation"],
-        bias=tree_cfg["bias"],
-        impl=tree_cfg["impl"],
-        init_std=init_std,
-    )
-    layer.track_stats = bool(tree_cfg.get("track_stats", True))
-    return layer
+def make_tree_ffn(model_cfg: dict, tree_cfg: dict, init_std: float = 0.02) -> nn.Module:
+    """One tree layer as configured (node or leaf family; gated when the model family is)."""
+    family = FAMILIES[model_cfg.get("family", "opt")]
+    return make_tree_layer(tree_settings(model_cfg, tree_cfg, family.gated), model_cfg["hidden_size"], init_std)
 
 
-def build_model(model_cfg: dict, tree_cfg: dict, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
-    """A randomly initialised causal LM from a preset; its MLPs swapped for the configured FFN."""
-    from transformers import OPTForCausalLM
+def build_model(model_cfg: dict, tree_cfg: dict, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+                pretrained: bool = True):
+    """The causal LM a run trains: its MLPs swapped for the configured FFN.
 
-    config = opt_config(model_cfg, vocab_size, pad_id, bos_id, eos_id)
-    model = OPTForCausalLM(config)
-    if tree_cfg["ffn"] == "tree":
-        swap_mlp(model, lambda dense: make_tree_ffn(model_cfg, tree_cfg, config.init_std))
+    With ``model.init_from`` the architecture and (if ``pretrained``) the weights come from that
+    dense checkpoint; ``pretrained=False`` builds the same shapes without reading weights (for
+    loading a run's own checkpoint over it).
+    """
+    family_name = model_cfg.get("family", "opt")
+    if family_name not in FAMILIES:
+        raise ConfigError(f"model.family={family_name!r} is not supported; choose one of: {', '.join(FAMILIES)}")
+    family = FAMILIES[family_name]
+    tree = tree_cfg["ffn"] == "tree"
+    if model_cfg.get("init_from"):
+        model = _from_checkpoint(model_cfg, tree_cfg, vocab_size, pretrained)
+    elif tree:
+        from treeffn.models.hf import tree_config, TREE_CLASSES
+
+        settings = tree_settings(model_cfg, tree_cfg, family.gated)
+        config = tree_config(family_name, hf_config_kwargs(model_cfg, vocab_size, pad_id, bos_id, eos_id), settings)
+        model = TREE_CLASSES[family_name][2](config)
     else:
+        config = family.load("config_class")(**hf_config_kwargs(model_cfg, vocab_size, pad_id, bos_id, eos_id))
+        model = family.load("lm_class")(config)
         # Same computation as the stock model; the wrapper only gives every FFN one module.
         swap_mlp(model, lambda dense: dense)
+    freeze(model, model_cfg.get("freeze") or "none")
     return model
 
 
+def _from_checkpoint(model_cfg: dict, tree_cfg: dict, vocab_size: int, pretrained: bool):
+    """Fine-tune start: the dense checkpoint with its MLPs replaced (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = str(model_cfg["init_from"])
+    dense_config = AutoConfig.from_pretrained(path)
+    family_name = dense_config.model_type
+    if family_name not in FAMILIES:  # config.py checks this first; this guards direct callers
+        raise ConfigError(f"model.init_from={path} holds a {family_name!r} model; treeffn fine-tunes dense "
+                          f"checkpoints of: {', '.join(FAMILIES)}")
+    if vocab_size > dense_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but the checkpoint in {path} embeds only "
+                          f"{dense_config.vocab_size}; use the checkpoint's tokenizer (data.tokenizer={path})")
+    widths = config_widths(dense_config)
+    if widths["hidden_size"] != model_cfg["hidden_size"]:
+        raise ConfigError(f"model.hidden_size={model_cfg['hidden_size']} does not match the checkpoint in {path} "
+                          f"(hidden size {widths['hidden_size']})")
+    if pretrained:
+        dense = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    else:
+        dense = AutoModelForCausalLM.from_config(dense_config)
+    family = FAMILIES[family_name]
+    if tree_cfg["ffn"] != "tree":
+        swap_mlp(dense, lambda d: d)
+        return dense
+    # Checkpoint widths are the truth for the tree's parameter matching too.
+    model_cfg = {**model_cfg, "ffn_dim": widths["ffn_dim"]}
+    settings = tree_settings(model_cfg, tree_cfg, family.gated)
+    from treeffn.models.hf import TREE_CLASSES
+
+    tree_cls_config, tree_cls = TREE_CLASSES[family_name][1], TREE_CLASSES[family_name][2]
+    config = tree_cls_config.from_dict({**dense_config.to_dict(), "model_type": tree_cls_config.model_type,
+                                        "tree": settings})
+    model = tree_cls(config)
+    dense_state = dense.state_dict()
+    tree_state = model.state_dict()
+    # Everything but the MLPs: keys the two models share, same shapes; copied exactly.
+    shared = {k: v for k, v in dense_state.items() if k in tree_state and tree_state[k].shape == v.shape}
+    result = model.load_state_dict(shared, strict=False)
+    not_ffn = [k for k in result.missing_keys if not _is_ffn_key(model, k)]
+    if not_ffn:
+        raise ConfigError(f"model.init_from={path}: the checkpoint lacks {len(not_ffn)} non-MLP weights "
+                          f"(e.g. {not_ffn[0]}); is it a {family_name} model of this shape?")
+    if tree_cfg.get("init", "random") == "from_dense":
+        if not pretrained:
+            return model  # shapes only: the run's own checkpoint overwrites everything
+        from treeffn.models.from_dense import init_from_dense
+
+        for tree_layer, dense_ffn in zip(ffn_modules(model), _dense_mlps(dense)):
+            init_from_dense(tree_layer, dense_ffn)
+    return model
+
+
+def _dense_mlps(model: nn.Module) -> list[nn.Module]:
+    from treeffn.models.families import dense_of, find_decoder_layers
+
+    family, layers = find_decoder_layers(model)
+    return [dense_of(family, layer) for layer in layers]
+
+
+def _is_ffn_key(model: nn.Module, key: str) -> bool:
+    """True for parameters and buffers that belong to a swapped-in FFN."""
+    prefixes = {name for name, m in model.named_modules() if isinstance(m, (*TREE_LAYER_TYPES, *DENSE_LAYER_TYPES))}
+    return any(key.startswith(p + ".") for p in prefixes)
+
+
+def freeze(model: nn.Module, what: str) -> None:
+    """model.freeze: ``attention`` fixes every attention block; ``all_but_ffn`` fixes everything
+    except the FFN layers (embeddings, norms, attention, head). Frozen parameters get no gradient,
+    so the optimizer (built from parameters that require grad) never changes them."""
+    if what in (None, "none"):
+        return
+    family = model_family(model)
+    if what == "attention":
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] == family.attention:
+                module.requires_grad_(False)
+        return
+    if what == "all_but_ffn":
+        model.requires_grad_(False)
+        for m in ffn_modules(model):
+            m.requires_grad_(True)
+        return
+    raise ConfigError(f"model.freeze={what!r} is not allowed; choose one of: none, attention, all_but_ffn")
+
+
+# ------------------------------------------------------------------------------ accounting
 @dataclass
 class Accounting:
     params_total: int
     params_ffn: int
-    ffn_units: int          # dense: ffn_dim; tree: trees * nodes (per layer)
-    active_ffn_units: int   # units a token uses per layer
+    ffn_units: int          # per layer: dense ffn_dim; node tree trees*nodes; leaf routers + leaf units
+    active_ffn_units: int   # units a token uses per layer (inference path)
     active_ffn_fraction: float
+    # Forward FLOPs per token in all FFN layers together (a multiply-add = 2 FLOPs; routing
+    # comparisons and element-wise work left out). "train" is the training path (masked /
+    # soft mixture: every node or leaf computed), "infer" the inference path (only the path).
+    ffn_flops_per_token_train: int = 0
+    ffn_flops_per_token_infer: int = 0
+    dense_ffn_flops_per_token: int = 0      # the dense MLP of the same model width and ffn_dim
+    ffn_trainable_params: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def ffn_cost(module: nn.Module) -> tuple[int, int, int, int]:
+    """(units, active units, train-path FLOPs/token, inference-path FLOPs/token) of one FFN layer."""
+    if isinstance(module, DENSE_LAYER_TYPES):
+        f, d = dense_units(module)["in"].shape
+        vectors = 3 if module.gated else 2
+        return f, f, 2 * vectors * d * f, 2 * vectors * d * f
+    if isinstance(module, LeafFFN):  # includes PrunedLeafFFN
+        d, k, w = module.d_model, module.trees, module.leaf_width
+        vectors = 3 if module.gated else 2
+        leaf_units = module.total_units - k * module.routers
+        train = 2 * d * k * module.routers + 2 * vectors * d * leaf_units
+        infer = 2 * d * k * module.depth + 2 * vectors * d * k * w
+        if isinstance(module, PrunedLeafFFN):
+            train = infer  # it always routes hard
+        return module.total_units, module.active_units, train, infer
+    if isinstance(module, (TreeFFN, PrunedTreeFFN)):
+        d = module.d_model
+        vectors = 3 if getattr(module, "gated", False) else 2
+        total = module.kept if isinstance(module, PrunedTreeFFN) else module.total_nodes
+        infer = 2 * vectors * d * module.active_nodes
+        train = infer if isinstance(module, PrunedTreeFFN) else 2 * vectors * d * total
+        return total, module.active_nodes, train, infer
+    raise TypeError(f"no cost model for {type(module).__name__}")
 
 
 def accounting(model: nn.Module) -> Accounting:
     ffns = ffn_modules(model)
     params_ffn = sum(p.numel() for m in ffns for p in m.parameters())
     params_total = sum(p.numel() for p in model.parameters())
-    first = ffns[0]
-    if isinstance(first, TreeFFN):
-        units, active = first.total_nodes, first.active_nodes
-    elif isinstance(first, DenseFFN):
-        units = active = first.fc1.out_features
-    else:  # pragma: no cover
-        raise TypeError(type(first))
-    return Accounting(params_total, params_ffn, units, active, active / units)
+    costs = [ffn_cost(m) for m in ffns]
+    units, active = costs[0][0], costs[0][1]
+    widths = config_widths(model.config)
+    gated = model_family(model).gated
+    dense_flops = len(ffns) * 2 * (3 if gated else 2) * widths["hidden_size"] * widths["ffn_dim"]
+    return Accounting(
+        params_total=params_total, params_ffn=params_ffn, ffn_units=units, active_ffn_units=active,
+        active_ffn_fraction=active / units,
+        ffn_flops_per_token_train=sum(c[2] for c in costs), ffn_flops_per_token_infer=sum(c[3] for c in costs),
+        dense_ffn_flops_per_token=dense_flops,
+        ffn_trainable_params=sum(p.numel() for m in ffns for p in m.parameters() if p.requires_grad),
+    )
 
 
-__all__ = ["Accounting", "accounting", "build_model", "make_tree_ffn", "opt_config", "tree_layers"]
+__all__ = ["Accounting", "accounting", "build_model", "ffn_cost", "freeze", "make_tree_ffn", "opt_config",
+           "tree_layers"]

@@ -1,9 +1,8 @@
 """Replacing the MLP blocks of Hugging Face decoder layers with other feed-forward modules.
 
-transformers 5.x OPT runs the MLP inline in ``OPTDecoderLayer.forward``: ``fc2(activation_fn(
-fc1(h)))`` on the layer-normed hidden states flattened to (tokens, hidden), followed by dropout
-and the residual add. We put the whole new FFN into ``fc1`` and make ``activation_fn`` and
-``fc2`` identities, so layer norm, dropout and residual stay exactly as OPT has them.
+Where each family keeps its MLP, and how ours is put there so that norms, dropout and
+residuals stay exactly as the stock model has them, is in treeffn/models/families.py (OPT:
+the FFN goes into ``fc1``; GPT-2: into ``mlp.c_fc``; Llama: it replaces ``mlp``).
 """
 
 from __future__ import annotations
@@ -12,53 +11,67 @@ from typing import Callable
 
 from torch import nn
 
-from treeffn.layers import DenseFFN, TreeFFN
+from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES
+from treeffn.models.families import Family, dense_of, find_decoder_layers, get_ffn, install
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a supported causal LM, or a clear error for anything else."""
-    from transformers.models.opt.modeling_opt import OPTDecoderLayer
-
-    layers = [m for m in model.modules() if isinstance(m, OPTDecoderLayer)]
-    if not layers:
-        raise TypeError(
-            f"{type(model).__name__} has no decoder layer treeffn knows how to swap; supported: OPTDecoderLayer"
-        )
-    return layers
+    return find_decoder_layers(model)[1]
 
 
-def swap_mlp(model: nn.Module, make_ffn: Callable[[DenseFFN], nn.Module]) -> nn.Module:
-    """Replace every decoder layer's MLP by ``make_ffn(dense_mlp)``; returns the model."""
-    for layer in decoder_layers(model):
-        current = layer.fc1
-        if isinstance(current, (TreeFFN, DenseFFN)):
+def model_family(model: nn.Module) -> Family:
+    return find_decoder_layers(model)[0]
+
+
+def swap_mlp(model: nn.Module, make_ffn: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Replace every decoder layer's MLP by ``make_ffn(dense_mlp)``; returns the model.
+
+    ``dense_mlp`` is the stock MLP wrapped as a DenseFFN / GatedDenseFFN (sharing its
+    parameters): return it to keep the dense model, or build a tree layer (from it).
+    """
+    family, layers = find_decoder_layers(model)
+    for layer in layers:
+        if isinstance(get_ffn(family, layer), (*TREE_LAYER_TYPES, *DENSE_LAYER_TYPES)):
             raise ValueError("this model's MLPs were already swapped")
-        act_name = layer.activation_fn.__class__.__name__
-        dense = DenseFFN.from_linears(layer.fc1, layer.fc2, _activation_name(layer.activation_fn, act_name))
-        layer.fc1 = make_ffn(dense)
-        layer.activation_fn = nn.Identity()
-        layer.fc2 = nn.Identity()
+        install(family, layer, make_ffn(dense_of(family, layer)))
+    return model
+
+
+def replace_ffns(model: nn.Module, modules: list[nn.Module]) -> nn.Module:
+    """Put ``modules[i]`` in place of layer i's (already swapped) FFN: pruning uses this."""
+    family, layers = find_decoder_layers(model)
+    if len(modules) != len(layers):
+        raise ValueError(f"{len(modules)} FFN modules for {len(layers)} decoder layers")
+    for layer, module in zip(layers, modules):
+        install(family, layer, module)
     return model
 
 
 def ffn_modules(model: nn.Module) -> list[nn.Module]:
-    """The swapped-in feed-forward module of each decoder layer (TreeFFN or DenseFFN)."""
-    return [layer.fc1 for layer in decoder_layers(model) if isinstance(layer.fc1, (TreeFFN, DenseFFN))]
+    """The swapped-in feed-forward module of each decoder layer (tree, pruned or dense wrapper)."""
+    family, layers = find_decoder_layers(model)
+    found = [get_ffn(family, layer) for layer in layers]
+    return [m for m in found if isinstance(m, (*TREE_LAYER_TYPES, *DENSE_LAYER_TYPES))]
 
 
-def tree_layers(model: nn.Module) -> list[TreeFFN]:
-    return [m for m in model.modules() if isinstance(m, TreeFFN)]
+def tree_layers(model: nn.Module) -> list[nn.Module]:
+    """Every tree-routed layer (node or leaf family, pruned or not); each has ``node_visits``,
+    ``trees`` and ``depth`` in the heap layout treeffn.analysis.routing reads."""
+    return [m for m in model.modules() if isinstance(m, TREE_LAYER_TYPES)]
 
 
-def _activation_name(module: nn.Module, class_name: str) -> str:
-    from transformers.activations import GELUActivation, NewGELUActivation
+def activation_name(module: nn.Module) -> str:
+    """Our name for a Hugging Face activation module (the inverse of families.HF_ACTIVATION)."""
+    from transformers import activations as hf
 
-    if isinstance(module, NewGELUActivation):
-        return "gelu_tanh"
-    if isinstance(module, GELUActivation) or class_name == "GELU":
+    checks = [("gelu_tanh", ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation")),
+              ("gelu", ("GELUActivation", "GELU")), ("relu", ("ReLU",)), ("silu", ("SiLU", "SiLUActivation")),
+              ("tanh", ("Tanh",)), ("identity", ("LinearActivation", "Identity"))]
+    name = type(module).__name__
+    for ours, classes in checks:
+        if name in classes:
+            return ours
+    if isinstance(module, getattr(hf, "GELUActivation", ())):
         return "gelu"
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.SiLU):
-        return "silu"
-    raise TypeError(f"the dense MLP uses activation {class_name}, which treeffn has no name for")
+    raise TypeError(f"the dense MLP uses activation {name}, which treeffn has no name for")

@@ -1,0 +1,181 @@
+"""Tree models as Hugging Face models: config and model classes, registration, ``save_hf``.
+
+Each supported family gets a config subclass that adds one ``tree`` dict (see
+treeffn/models/tree_settings.py) under its own ``model_type``, and a model subclass whose
+``__init__`` builds the stock model and swaps its MLPs for the configured tree layers:
+
+    treeffn_opt    TreeOPTConfig(OPTConfig)     TreeOPTForCausalLM(OPTForCausalLM)
+    treeffn_gpt2   TreeGPT2Config(GPT2Config)   TreeGPT2LMHeadModel(GPT2LMHeadModel)
+    treeffn_llama  TreeLlamaConfig(LlamaConfig) TreeLlamaForCausalLM(LlamaForCausalLM)
+
+Registered with AutoConfig / AutoModelForCausalLM (``register()``; ``import treeffn`` arranges
+it lazily, see treeffn/_hf_registration.py), so a saved dir loads with
+``AutoModelForCausalLM.from_pretrained(dir)`` and generates like any causal LM. Weights are
+safetensors; nothing runs remote code. Dense models are saved as the stock family (model_type
+opt / gpt2 / llama) and load without treeffn at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM
+
+from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES
+from treeffn.models.families import FAMILIES, find_decoder_layers, get_ffn, init_std_of
+from treeffn.models.hf_config import (
+    CONFIG_CLASSES,
+    TREE_MODEL_TYPES,
+    TreeGPT2Config,
+    TreeLlamaConfig,
+    TreeOPTConfig,
+    register_configs,
+)
+from treeffn.models.swap import ffn_modules, swap_mlp
+from treeffn.models.tree_settings import make_pruned_layer, make_tree_layer, settings_from_layer
+
+
+def install_tree_layers(model: nn.Module, config) -> None:
+    """Swap every MLP of a freshly built stock model for the tree layers ``config.tree`` describes."""
+    settings = config.tree
+    if not settings:
+        raise ValueError(f"{type(config).__name__} has no tree settings; save dense models as their stock family")
+    d_model, std = config.hidden_size, init_std_of(config)
+    kept = settings.get("pruned_kept")
+    if kept:
+        counter = itertools.count()
+        swap_mlp(model, lambda dense: make_pruned_layer(settings, d_model, kept[next(counter)]))
+    else:
+        swap_mlp(model, lambda dense: make_tree_layer(settings, d_model, std))
+
+
+class TreeOPTForCausalLM(OPTForCausalLM):
+    config_class = TreeOPTConfig
+
+    def __init__(self, config: TreeOPTConfig):
+        super().__init__(config)
+        install_tree_layers(self, config)
+
+
+class TreeGPT2LMHeadModel(GPT2LMHeadModel):
+    config_class = TreeGPT2Config
+
+    def __init__(self, config: TreeGPT2Config):
+        super().__init__(config)
+        install_tree_layers(self, config)
+
+
+class TreeLlamaForCausalLM(LlamaForCausalLM):
+    config_class = TreeLlamaConfig
+
+    def __init__(self, config: TreeLlamaConfig):
+        super().__init__(config)
+        install_tree_layers(self, config)
+
+
+# family name -> (stock config, tree config, tree model)
+_MODELS = {"opt": TreeOPTForCausalLM, "gpt2": TreeGPT2LMHeadModel, "llama": TreeLlamaForCausalLM}
+TREE_CLASSES = {family: (stock, tree, _MODELS[family]) for family, (stock, tree) in CONFIG_CLASSES.items()}
+
+
+def register() -> None:
+    """Make the Auto classes know the tree model types (idempotent; replaces the stand-ins of
+    treeffn/_hf_registration.py with the real classes)."""
+    register_configs()
+    for _, config_cls, model_cls in TREE_CLASSES.values():
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+register()
+
+
+# ------------------------------------------------------------------------------ building
+def tree_config(family: str, stock_kwargs: dict, settings: dict):
+    """The tree config of ``family`` from stock config keyword arguments plus tree settings."""
+    return TREE_CLASSES[family][1](**stock_kwargs, tree=settings)
+
+
+def is_tree_model(model: nn.Module) -> bool:
+    return isinstance(model, tuple(cls for _, _, cls in TREE_CLASSES.values()))
+
+
+def as_tree_model(model: nn.Module) -> nn.Module:
+    """A stock model whose MLPs were swapped by hand -> the registered tree class (shares nothing:
+    a copy of the weights in the saveable class). Tree classes are returned as they are."""
+    if is_tree_model(model):
+        return model
+    family, layers = find_decoder_layers(model)
+    ffns = [get_ffn(family, layer) for layer in layers]
+    if not all(isinstance(m, TREE_LAYER_TYPES) for m in ffns):
+        raise ValueError("as_tree_model needs every decoder layer's FFN to be a tree layer")
+    settings = settings_from_layer(ffns[0])
+    if settings["pruned_kept"] is not None:
+        settings["pruned_kept"] = [_kept_count(m) for m in ffns]
+    config = TREE_CLASSES[family.name][1](**model.config.to_dict(), tree=settings)
+    config.model_type = TREE_CLASSES[family.name][1].model_type
+    new = TREE_CLASSES[family.name][2](config)
+    new.load_state_dict(model.state_dict(), strict=True)
+    return new.train(model.training)
+
+
+def _kept_count(layer: nn.Module) -> int:
+    return int(layer.kept)
+
+
+# ------------------------------------------------------------------------------ saving
+def stock_state_dict(model: nn.Module) -> dict:
+    """A dense model's state dict under the stock family's key names (the DenseFFN wrapper undone)."""
+    family, _ = find_decoder_layers(model)
+    state = model.state_dict()
+    if not family.stock_names:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for ours, stock in family.stock_names.items():
+            marker = f".{ours}."
+            if marker in key:
+                key = key.replace(marker, f".{stock}.")
+                break
+        renamed[key] = value
+    return renamed
+
+
+def save_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Save ``model`` (tree or dense) and ``tokenizer`` as a Hugging Face model dir.
+
+    Tree models: config.json with model_type treeffn_<family> + model.safetensors; loading needs
+    ``import treeffn`` (then ``AutoModelForCausalLM.from_pretrained(out_dir)``). Dense models:
+    the stock family's dir, loadable without treeffn. Returns the dir.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ffns = ffn_modules(model)
+    if ffns and all(isinstance(m, TREE_LAYER_TYPES) for m in ffns):
+        to_save = as_tree_model(model)
+        to_save.save_pretrained(out)
+    elif ffns and all(isinstance(m, DENSE_LAYER_TYPES) for m in ffns) or not ffns:
+        if is_tree_model(model):
+            raise ValueError("a tree model class whose layers are dense cannot be saved")
+        model.save_pretrained(out, state_dict=stock_state_dict(model) if ffns else None)
+    else:
+        raise ValueError("the model mixes tree and dense FFN layers; save_hf expects one kind")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) from a dir ``save_hf`` wrote."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    return model.eval(), tokenizer
+
+
+__all__ = ["FAMILIES", "TREE_CLASSES", "TREE_MODEL_TYPES", "TreeGPT2Config", "TreeGPT2LMHeadModel",
+           "TreeLlamaConfig", "TreeLlamaForCausalLM", "TreeOPTConfig", "TreeOPTForCausalLM", "as_tree_model",
+           "is_tree_model", "load_hf", "register", "save_hf", "stock_state_dict", "tree_config"]
