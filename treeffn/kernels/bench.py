@@ -257,7 +257,7 @@ def cost(kind, d, ffn, trees, depth, T, mode, elt, distinct_rows=None) -> tuple[
 
 
 # --------------------------------------------------------------------------- main loop
-def run_bench(args) -> dict:
+def run_bench(args, out_dir: Path | None = None) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     timer = Timer(device, rep_ms=args.rep_ms)
@@ -319,6 +319,10 @@ def run_bench(args) -> dict:
                     rows.append({**base, "path": path, **entry})
                 print_line(base, results, flush=True)
                 del x
+            if out_dir is not None:  # partial results survive a run cut short
+                partial = {"environment": env, "ceilings": ceilings, "args": vars(args), "rows": rows,
+                           "failures": failures, "partial": True}
+                (out_dir / "bench.json").write_text(json.dumps(partial, indent=1))
         del dense, layer
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -433,10 +437,11 @@ TUNE_SPACE = {
     "combine": [dict(BT=bt, BE=be, BD=bd) for bt, be, bd in
                 [(1, 512, 16), (1, 256, 32), (1, 128, 64), (2, 128, 32), (4, 64, 32), (8, 16, 64),
                  (16, 8, 64), (32, 4, 64), (64, 2, 64), (32, 8, 32), (64, 4, 32), (32, 2, 128)]],
+    "gcoef": [dict(BT=bt, BD=bd) for bt, bd in [(1, 1024), (1, 256), (4, 256), (8, 128), (16, 64), (32, 32), (16, 128)]],
 }
 
 
-def run_tune(args) -> dict:
+def run_tune(args, out_dir: Path) -> dict:
     """Time the route and combine kernels alone for each tile choice (inference, opt1.3b)."""
     from treeffn.kernels import triton_tree as tt
 
@@ -452,11 +457,13 @@ def run_tune(args) -> dict:
             tt.CONFIG_OVERRIDES.clear()
             z_ref, node_ref = tt.route(x, w_in, b_in, trees, depth, inference=True)
             y_ref = tt.combine(z_ref, node_ref, w_out, depth, dtype, True, False, 0)
+            gz_ref = tt.grad_coef(x, z_ref, node_ref, w_out, depth, True, 0)
             best = {}
             for kernel, space in TUNE_SPACE.items():
                 for cfg in space:
-                    if cfg.get("BT", 1) > max(1, T) * 2 and cfg.get("BT", 1) > 1:
-                        continue  # tiles far larger than the batch
+                    bt = cfg.get("BT", 1)
+                    if (bt > 1 and bt > 2 * T) or (T >= 2048 and bt < 4):
+                        continue  # tiles far larger than the batch, or a million tiny programs
                     tt.CONFIG_OVERRIDES.clear()
                     tt.CONFIG_OVERRIDES[kernel] = cfg
                     try:
@@ -464,10 +471,14 @@ def run_tune(args) -> dict:
                             z, node = tt.route(x, w_in, b_in, trees, depth, inference=True)
                             ok = torch.equal(node, node_ref)
                             t = timer(lambda: tt.route(x, w_in, b_in, trees, depth, inference=True))["median_us"]
-                        else:
+                        elif kernel == "combine":
                             y = tt.combine(z_ref, node_ref, w_out, depth, dtype, True, False, 0)
                             ok = rel(y, y_ref) < 1e-2
                             t = timer(lambda: tt.combine(z_ref, node_ref, w_out, depth, dtype, True, False, 0))["median_us"]
+                        else:  # backward's dL/dz, with dL/dy = x as a stand-in
+                            gz = tt.grad_coef(x, z_ref, node_ref, w_out, depth, True, 0)
+                            ok = rel(gz, gz_ref) < 1e-3
+                            t = timer(lambda: tt.grad_coef(x, z_ref, node_ref, w_out, depth, True, 0))["median_us"]
                     except Exception as e:
                         out.append({"config": name, "tokens": T, "kernel": kernel, "tile": cfg, "error": str(e)[:200]})
                         continue
@@ -475,22 +486,59 @@ def run_tune(args) -> dict:
                     if ok and t < best.get(kernel, (1e30,))[0]:
                         best[kernel] = (t, cfg)
             tt.CONFIG_OVERRIDES.clear()
-            defaults = {"route": tt.route_config(T, d, True), "combine": tt.combine_config(T, trees * (depth + 1), d)}
+            defaults = {"route": tt.route_config(T, d, True), "combine": tt.combine_config(T, trees * (depth + 1), d),
+                        "gcoef": tt.gcoef_config(T, depth + 1, d)}
+            (out_dir / "tune.json").write_text(json.dumps({"tune": out}, indent=1))
             print(f"{name:<15} T={T:<6} " + "  ".join(
                 f"{k}: best {v[0]:.1f} us {v[1]} (default {defaults[k]})" for k, v in best.items()), flush=True)
     return {"tune": out}
 
 
 # --------------------------------------------------------------------------- loss curves
-def run_loss_curve(args) -> dict:
-    """Train one small tree OPT three ways from one seed: masked bf16, triton bf16, masked fp32.
+class TinyTreeLM(torch.nn.Module):
+    """A small pre-LN decoder whose MLPs are TreeFFN layers: self-contained (torch only), so the
+    comparison runs wherever the kernels run, without the training stack's dependencies."""
 
-    The fp32 run shows the size of bf16 noise; triton should sit as close to masked as that.
+    def __init__(self, vocab, d, layers, heads, depth, trees, placement, impl):
+        from treeffn import TreeFFN
+
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Embedding(1024, d)
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(torch.nn.ModuleDict({
+                "ln1": torch.nn.LayerNorm(d), "qkv": torch.nn.Linear(d, 3 * d), "proj": torch.nn.Linear(d, d),
+                "ln2": torch.nn.LayerNorm(d), "ffn": TreeFFN(d, depth, trees, placement=placement, impl=impl),
+            }))
+        self.ln = torch.nn.LayerNorm(d)
+        for m in self.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, std=0.02)
+            if hasattr(m, "track_stats"):
+                m.track_stats = False
+
+    def forward(self, ids):
+        B, S = ids.shape
+        h = self.embed(ids) + self.pos(torch.arange(S, device=ids.device))
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](h)).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, -1)
+            h = h + blk["proj"](a)
+            h = h + blk["ffn"](blk["ln2"](h))
+        return F.linear(self.ln(h), self.embed.weight)
+
+
+def run_loss_curve(args) -> dict:
+    """Train one small tree LM three ways from one seed: masked bf16, triton bf16, masked fp32.
+
+    Same initial weights and batches. The bf16-vs-fp32 gap shows the size of bf16 noise; the
+    triton run should stay about as close to masked as that.
     """
     import tokenizers
 
     from treeffn.data.corpus import EMBEDDED_TOKENIZER, read_documents
-    from treeffn.models.build import build_model
 
     device = torch.device(args.device)
     tok = tokenizers.Tokenizer.from_file(str(EMBEDDED_TOKENIZER))
@@ -499,25 +547,21 @@ def run_loss_curve(args) -> dict:
     block, batch = args.loss_block, args.loss_batch
     n_blocks = ids.numel() // (block + 1)
     blocks = ids[: n_blocks * (block + 1)].view(n_blocks, block + 1)
-    model_cfg = dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4,
-                     max_position_embeddings=512, word_embed_proj_dim=256, do_layer_norm_before=True,
-                     dropout=0.0, activation="gelu")
+    shape = dict(d=256, layers=4, heads=4, depth=5, trees=16)  # 16 x 63 = 1008 nodes ~ ffn 1024
     curves = {}
     for label, impl, bf16 in (("masked-bf16", "masked", True), ("triton-bf16", "triton", True),
                               ("masked-fp32", "masked", False)):
-        tree_cfg = dict(ffn="tree", depth=5, trees=None, placement=args.placement, activation="gelu",
-                        bias=True, impl=impl, track_stats=False)
         torch.manual_seed(args.seed)
-        model = build_model(model_cfg, tree_cfg, tok.get_vocab_size(), 0, 0, 0).to(device)
+        model = TinyTreeLM(tok.get_vocab_size(), placement=args.placement, impl=impl, **shape).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
         gen = torch.Generator().manual_seed(args.seed)
         losses = []
         t0 = time.perf_counter()
         for _ in range(args.loss_curve):
-            idx = torch.randint(0, n_blocks, (batch,), generator=gen)
-            b = blocks[idx].to(device)
+            b = blocks[torch.randint(0, n_blocks, (batch,), generator=gen)].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=b[:, :-1], labels=b[:, :-1]).loss
+                logits = model(b[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -533,9 +577,12 @@ def run_loss_curve(args) -> dict:
         "max_abs_diff_bf16_vs_fp32": max(abs(p - q) for p, q in zip(a, c)),
         "mean_last_masked_bf16": statistics.mean(a[-tail:]), "mean_last_triton_bf16": statistics.mean(b[-tail:]),
         "mean_last_masked_fp32": statistics.mean(c[-tail:]), "steps": len(a), "tail_steps": tail,
+        "loss_at": {str(i): [round(a[i], 4), round(b[i], 4), round(c[i], 4)]
+                    for i in sorted({0, len(a) // 4, len(a) // 2, 3 * len(a) // 4, len(a) - 1})},
     }
     print(json.dumps(summary, indent=1), flush=True)
-    return {"loss_curve": {"curves": curves, "summary": summary, "model": model_cfg, "placement": args.placement}}
+    return {"loss_curve": {"curves": curves, "summary": summary, "model": shape, "placement": args.placement,
+                           "batch": batch, "block": block}}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -586,8 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or Path("outputs") / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.tune:
-        result = run_tune(args)
-        (out_dir / "tune.json").write_text(json.dumps(result, indent=1))
+        result = run_tune(args, out_dir)
         return 0
     if args.loss_curve:
         result = run_loss_curve(args)
@@ -596,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     if not can_triton:
         print("# triton path not run: " + ("Triton is not installed" if not triton_available()
                                           else "no CUDA device (TRITON_INTERPRET=1 runs it slowly)"), flush=True)
-    result = run_bench(args)
+    result = run_bench(args, out_dir)
     md = markdown(result)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
     (out_dir / "bench.md").write_text(md)

@@ -118,14 +118,15 @@ def _route_kernel(
     # A round covers SPEC levels: the subtree below the current node, slots in heap order.
     j = tl.arange(0, JP)
     sub = (j >= 1).to(tl.int32) + (j >= 3).to(tl.int32) + (j >= 7).to(tl.int32)  # slot's depth
-    first = (1 << sub) - 1  # first slot at that depth
+    pow_sub = tl.full([JP], 1, tl.int32) << sub  # 2^depth of each slot
+    first = pow_sub - 1  # first slot at that depth
     jvalid = j < (1 << SPEC) - 1
     x_rows = x_ptr + tok.to(tl.int64) * stride_x
     out_base = tok.to(tl.int64) * (n_trees * LEVELS) + tree * LEVELS
     node = tl.zeros([BT], dtype=tl.int32)  # node (local to the tree) at the top of the round
     for level0 in range(0, LEVELS, SPEC):
         # Descendants of `node` at relative depth s are contiguous in heap order.
-        cand = (node[:, None] + 1) * (1 << sub)[None, :] - 1 + (j - first)[None, :]
+        cand = (node[:, None] + 1) * pow_sub[None, :] - 1 + (j - first)[None, :]
         lmask = tmask[:, None] & (jvalid & (level0 + sub < LEVELS))[None, :]
         rows = tree * N_NODES + cand
         w_rows = w_ptr + rows.to(tl.int64) * stride_w
