@@ -75,10 +75,13 @@ def find_decoder_layers(model: nn.Module) -> tuple[Family, list[nn.Module]]:
     raise TypeError(f"{type(model).__name__} has no decoder layer treeffn knows how to swap; supported: {names}")
 
 
-def get_ffn(family: Family, layer: nn.Module) -> nn.Module:
+def get_ffn(family: Family, layer: nn.Module) -> nn.Module | None:
+    """The module at the family's FFN place in ``layer`` (None if the layer has no such place)."""
     module = layer
     for part in family.ffn_path.split("."):
-        module = getattr(module, part)
+        module = getattr(module, part, None)
+        if module is None:
+            return None
     return module
 
 

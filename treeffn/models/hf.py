@@ -114,8 +114,8 @@ def as_tree_model(model: nn.Module) -> nn.Module:
     settings = settings_from_layer(ffns[0])
     if settings["pruned_kept"] is not None:
         settings["pruned_kept"] = [_kept_count(m) for m in ffns]
-    config = TREE_CLASSES[family.name][1](**model.config.to_dict(), tree=settings)
-    config.model_type = TREE_CLASSES[family.name][1].model_type
+    config_cls = TREE_CLASSES[family.name][1]
+    config = config_cls.from_dict({**model.config.to_dict(), "model_type": config_cls.model_type, "tree": settings})
     new = TREE_CLASSES[family.name][2](config)
     new.load_state_dict(model.state_dict(), strict=True)
     return new.train(model.training)
@@ -156,9 +156,7 @@ def save_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     if ffns and all(isinstance(m, TREE_LAYER_TYPES) for m in ffns):
         to_save = as_tree_model(model)
         to_save.save_pretrained(out)
-    elif ffns and all(isinstance(m, DENSE_LAYER_TYPES) for m in ffns) or not ffns:
-        if is_tree_model(model):
-            raise ValueError("a tree model class whose layers are dense cannot be saved")
+    elif all(isinstance(m, DENSE_LAYER_TYPES) for m in ffns):  # a swapped dense model, or a stock one
         model.save_pretrained(out, state_dict=stock_state_dict(model) if ffns else None)
     else:
         raise ValueError("the model mixes tree and dense FFN layers; save_hf expects one kind")
