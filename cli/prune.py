@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from treeffn.config import ConfigError
 
     try:
-        report = prune_run(**values)
+        report = prune_run(values.pop("run"), **values)
     except ConfigError as e:  # includes ModelLoadError
         print(f"treeffn prune: error: {e}", file=sys.stderr)
         return 2

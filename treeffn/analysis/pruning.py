@@ -134,10 +134,11 @@ def prune_and_measure(model: nn.Module, blocks: torch.Tensor, batch_size: int, m
 
     if not tree_layers(model):
         raise ConfigError("this model has dense FFNs: there are no trees to prune")
-    count_loss, count_tokens = count_visits(model, blocks, batch_size)
+    count_loss, predicted = count_visits(model, blocks, batch_size)
+    count_tokens = int(blocks.numel())  # every token's route is counted; the loss predicts all but the first
     pruned, layers = prune_model(model, min_visits)
     if eval_blocks is None:
-        loss_before, tokens = count_loss, count_tokens
+        loss_before, tokens = count_loss, predicted
     else:
         loss_before, tokens = mean_loss(model, eval_blocks, batch_size)
     loss_after, _ = mean_loss(pruned, blocks if eval_blocks is None else eval_blocks, batch_size)
