@@ -128,7 +128,7 @@ class TaskResult:
 
 def run_tasks(model, tokenizer, plan: TaskPlan, num_fewshot: int, *, limit=None, batch_size: int = 16,
               seed: int = 0, max_length: int | None = None, bootstrap_iters: int = 100000,
-              verbose: bool = False) -> list[TaskResult]:
+              autocast_dtype=None, verbose: bool = False) -> list[TaskResult]:
     """Score the in-memory model on the planned tasks with ``num_fewshot`` shots."""
     import lm_eval
 
@@ -137,7 +137,8 @@ def run_tasks(model, tokenizer, plan: TaskPlan, num_fewshot: int, *, limit=None,
         import datasets
 
         datasets.disable_progress_bars()
-    lm = make_hflm(model, tokenizer, batch_size=batch_size, max_length=max_length, quiet=not verbose)
+    lm = make_hflm(model, tokenizer, batch_size=batch_size, max_length=max_length, autocast_dtype=autocast_dtype,
+                   quiet=not verbose)
     try:
         out = lm_eval.simple_evaluate(
             model=lm, tasks=plan.specs, num_fewshot=num_fewshot, limit=limit, task_manager=plan.task_manager,
@@ -156,7 +157,7 @@ def data_error_message(error: Exception, hub_tasks: list[str]) -> str:
     return f"lm-eval could not load a task's data: {first}{hint}"
 
 
-def make_hflm(model, tokenizer, *, batch_size: int, max_length: int | None, quiet: bool):
+def make_hflm(model, tokenizer, *, batch_size: int, max_length: int | None, autocast_dtype=None, quiet: bool = True):
     """The harness' Hugging Face LM around our in-memory model (no copy, no save/reload).
 
     ``quiet``: rolling log-likelihood shows its one progress bar per task, not an extra bar per
@@ -179,7 +180,7 @@ def make_hflm(model, tokenizer, *, batch_size: int, max_length: int | None, quie
                                                  override_bs=override_bs)
 
     return TreeffnHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                       device=str(next(model.parameters()).device))
+                       device=str(next(model.parameters()).device), mixed_precision_dtype=autocast_dtype)
 
 
 def task_result(name: str, out: dict) -> TaskResult:

@@ -37,69 +37,23 @@ def default_eval_config() -> dict:
 
 def evaluate(cfg: dict, console=None) -> dict:
     """Run one evaluation as configured (a resolved conf/eval.yaml dict); returns the invocation's record."""
-    from rich.console import Console
+    from treeffn.models.load import check_model_source
 
-    if console is None:  # piped output gets a table wide enough to read, not 80 columns
-        console = Console(highlight=False)
-        console = console if console.is_terminal else Console(highlight=False, width=120)
     started = time.perf_counter()
-    from treeffn.models.load import check_model_source, load_model
-
+    console = console or default_console()
     s = EvalSettings.from_config(cfg)
     check_model_source(run=s.run, model_path=s.model_path, ckpt=s.ckpt)
     plan, lm_eval_version = preflight(s)
 
-    import torch
-
-    torch.manual_seed(s.seed)
-    loaded = load_model(run=s.run, model_path=s.model_path, ckpt=s.ckpt)
-    device = resolve_device(s.device)
-    model = loaded.model.to(device).eval()
-    routing = prepare_tree_layers(model, device)
-    autocast_dtype = resolve_precision(s.precision, loaded, device)
-    model_info = describe_model(loaded, routing, device, autocast_dtype)
-    console.print(f"evaluating {model_info['weights']}" + (f" (step {loaded.step})" if loaded.step is not None else "")
-                  + f" on {device}, {'bf16 autocast' if autocast_dtype else 'fp32'}")
-    console.print(f"model: {model_info['summary']}")
-    if routing:
-        console.print(f"tree FFN evaluated with hard routing, the inference path: {routing}")
-
+    loaded, model_info, autocast_dtype = prepare_model(s, console)
     data_cfg, train_batch, vlimit = validation_data(loaded, s)
-    block_size = int(data_cfg["block_size"])
-    perplexity = []
-    for name in s.texts:
-        result = measure_text_set(name, loaded, model, data_cfg, train_batch, vlimit, s, autocast_dtype)
-        entry = result.as_dict()
-        if name == "validation":
-            entry.update(compare_with_training(loaded, entry, s, block_size))
-        perplexity.append(entry)
-        console.print(perplexity_line(entry))
-
-    task_results = []
+    perplexity = measure_texts(s, loaded, data_cfg, train_batch, vlimit, autocast_dtype, console)
+    tasks = []
     if plan is not None:
-        from treeffn.evaluation.harness import run_tasks
+        max_length = s.max_length or (int(data_cfg["block_size"]) if loaded.source == "run" else None)
+        tasks = measure_tasks(s, loaded, plan, lm_eval_version, max_length, autocast_dtype, console)
 
-        max_length = s.max_length or (block_size if loaded.source == "run" else None)
-        done_at_zero: set[str] = set()
-        for shots in s.num_fewshot:
-            # perplexity tasks are zero-shot whatever num_fewshot says: run them once
-            names = [n for n in plan.names if not (n in plan.zero_shot_only and n in done_at_zero)]
-            if not names:
-                continue
-            console.print(f"lm-eval {lm_eval_version}: {', '.join(names)} with {shots} shot(s)"
-                          + (f", limit {s.limit}" if s.limit else ""))
-            t0 = time.perf_counter()
-            results = run_tasks(model, loaded.tokenizer, plan.subset(names), shots, limit=s.limit,
-                                batch_size=s.batch_size, seed=s.seed, max_length=max_length,
-                                bootstrap_iters=s.bootstrap_iters, verbose=s.verbose)
-            done_at_zero |= {r.task for r in results if r.shots == 0}
-            for r in results:
-                task_results.append({**r.as_dict(), "requested_shots": shots, "lm_eval_version": lm_eval_version,
-                                     "seed": s.seed, "limit": s.limit, "batch_size": s.batch_size,
-                                     "max_length": max_length, "wall_s": round(time.perf_counter() - t0, 3)})
-
-    from treeffn.evaluation.record import EVAL_FORMAT, log_to_wandb, package_versions, save
-    from treeffn.evaluation.table import results_table
+    from treeffn.evaluation.record import EVAL_FORMAT, package_versions
 
     record = {
         "format": EVAL_FORMAT,
@@ -111,14 +65,88 @@ def evaluate(cfg: dict, console=None) -> dict:
         "settings": s.as_dict(),
         "wall_s": round(time.perf_counter() - started, 3),
     }
-    for t in task_results:
+    for t in tasks:
         record["tasks"].setdefault(t["task"], {})[f"{t['shots']}shot"] = t
+    written = write_and_print(s, loaded, record, perplexity, tasks, console)
+    return {**record, "written": written}
+
+
+def default_console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    # piped output gets a table wide enough to read, not 80 columns
+    return console if console.is_terminal else Console(highlight=False, width=120)
+
+
+def prepare_model(s: EvalSettings, console):
+    """Load the model, move it to the device in eval mode (tree layers: hard routing); say what it is."""
+    import torch
+
+    from treeffn.models.load import load_model
+
+    torch.manual_seed(s.seed)
+    loaded = load_model(run=s.run, model_path=s.model_path, ckpt=s.ckpt)
+    device = resolve_device(s.device)
+    loaded.model = loaded.model.to(device).eval()
+    routing = prepare_tree_layers(loaded.model, device)
+    autocast_dtype = resolve_precision(s.precision, loaded, device)
+    info = describe_model(loaded, routing, device, autocast_dtype)
+    console.print(f"evaluating {info['weights']}" + (f" (step {loaded.step})" if loaded.step is not None else "")
+                  + f" on {device}, {info['precision']}")
+    console.print(f"model: {info['summary']}")
+    if routing:
+        console.print(f"tree FFN evaluated with hard routing, the inference path: {routing}")
+    return loaded, info, autocast_dtype
+
+
+def measure_texts(s, loaded, data_cfg, train_batch, vlimit, autocast_dtype, console) -> list[dict]:
+    """Perplexity on every text set of ``texts=``; the validation split next to training's val_ppl."""
+    out = []
+    for name in s.texts:
+        entry = measure_text_set(name, loaded, data_cfg, train_batch, vlimit, s, autocast_dtype).as_dict()
+        if name == "validation":
+            entry.update(compare_with_training(loaded, entry, s, int(data_cfg["block_size"])))
+        out.append(entry)
+        console.print(perplexity_line(entry))
+    return out
+
+
+def measure_tasks(s, loaded, plan, lm_eval_version, max_length, autocast_dtype, console) -> list[dict]:
+    """lm-eval once per ``num_fewshot`` value; results as dicts with the settings that made them."""
+    from treeffn.evaluation.harness import run_tasks
+
+    out = []
+    done_at_zero: set[str] = set()
+    for shots in s.num_fewshot:
+        # perplexity tasks are zero-shot whatever num_fewshot says: run them once
+        names = [n for n in plan.names if not (n in plan.zero_shot_only and n in done_at_zero)]
+        if not names:
+            continue
+        console.print(f"lm-eval {lm_eval_version}: {', '.join(names)} with {shots} shot(s)"
+                      + (f", limit {s.limit}" if s.limit else ""))
+        t0 = time.perf_counter()
+        results = run_tasks(loaded.model, loaded.tokenizer, plan.subset(names), shots, limit=s.limit,
+                            batch_size=s.batch_size, seed=s.seed, max_length=max_length,
+                            bootstrap_iters=s.bootstrap_iters, autocast_dtype=autocast_dtype, verbose=s.verbose)
+        done_at_zero |= {r.task for r in results if r.shots == 0}
+        wall = round(time.perf_counter() - t0, 3)
+        out += [{**r.as_dict(), "requested_shots": shots, "lm_eval_version": lm_eval_version, "seed": s.seed,
+                 "limit": s.limit, "batch_size": s.batch_size, "max_length": max_length, "wall_s": wall}
+                for r in results]
+    return out
+
+
+def write_and_print(s, loaded, record, perplexity, tasks, console) -> dict:
+    """eval.json (+ result.json, W&B), then the table and where things went."""
+    from treeffn.evaluation.record import log_to_wandb, save
+    from treeffn.evaluation.table import results_table
+
     out_dir = Path(s.output_dir).expanduser() if s.output_dir else (loaded.run_dir or Path(loaded.weights))
     written = save(record, out_dir, loaded.run_dir)
     wandb = log_to_wandb(loaded.run_dir, loaded.config, record) if s.wandb == "auto" else None
 
-    title = f"treeffn eval: {loaded.run_dir or loaded.weights}"
-    console.print(results_table(record, perplexity, task_results, title))
+    console.print(results_table(record, perplexity, tasks, f"treeffn eval: {loaded.run_dir or loaded.weights}"))
     where = f"wrote {written['eval_json']}"
     if written["result_json"]:
         where += f"; added to {written['result_json']} under \"eval\""
@@ -129,7 +157,7 @@ def evaluate(cfg: dict, console=None) -> dict:
     if wandb:
         where += f"; logged to the run's W&B run ({wandb})"
     console.print(where + f" [{record['wall_s']:.1f} s]")
-    return {**record, "written": written}
+    return written
 
 
 def preflight(s: EvalSettings):
@@ -284,7 +312,7 @@ def validation_data(loaded, s: EvalSettings) -> tuple[dict, int, int | float | N
     return data, train_batch, vlimit
 
 
-def measure_text_set(name, loaded, model, data_cfg, train_batch, vlimit, s, autocast_dtype):
+def measure_text_set(name, loaded, data_cfg, train_batch, vlimit, s, autocast_dtype):
     from treeffn.evaluation.perplexity import measure, read_text_set, text_blocks, validation_blocks
 
     if name == "validation":
@@ -296,7 +324,7 @@ def measure_text_set(name, loaded, model, data_cfg, train_batch, vlimit, s, auto
         if len(blocks) == 0:
             raise ConfigError(f"texts: {name!r} has fewer tokens than one block of {data_cfg['block_size']}")
         description += f" ({len(blocks)} blocks)"
-    return measure(name, model, blocks, s.batch_size, description, autocast_dtype)
+    return measure(name, loaded.model, blocks, s.batch_size, description, autocast_dtype)
 
 
 def compare_with_training(loaded, entry: dict, s: EvalSettings, block_size: int) -> dict:
