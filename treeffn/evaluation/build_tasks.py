@@ -49,19 +49,28 @@ def hamlet_text() -> str:
 
 
 def hamlet_speeches(text: str) -> list[list[str]]:
-    """Speeches of the play as lists of verse/prose lines (speaker tag and stage directions dropped).
+    """Runs of consecutive speech lines of at least three words, without stage directions.
 
-    A paragraph of the embedded text is a speaker tag line ("Ham.") followed by the speech.
+    A paragraph of the embedded text is a speaker tag line ("Ham.") followed by the speech. A
+    short line ("But come;--") or a stage direction ends a run, so a line's successor in a run
+    is its successor in the play.
     """
-    speeches = []
+    runs = []
     for para in text.split("\n\n"):
         lines = [ln.strip() for ln in para.strip().split("\n")]
         if len(lines) < 2 or not lines[0].endswith(".") or len(lines[0].split()) > 3:
             continue  # not "<Speaker>." followed by speech (title page, stage direction, ...)
-        speech = [ln for ln in lines[1:] if ln and not ln.startswith("[") and len(ln.split()) >= 3]
-        if speech:
-            speeches.append(speech)
-    return speeches
+        run: list[str] = []
+        for ln in lines[1:]:
+            if ln.startswith("[") or len(ln.split()) < 3:
+                if run:
+                    runs.append(run)
+                run = []
+            else:
+                run.append(ln)
+        if run:
+            runs.append(run)
+    return runs
 
 
 def kjv_books() -> dict[str, list[str]]:

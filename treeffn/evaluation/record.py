@@ -52,7 +52,8 @@ def package_versions() -> dict:
 
 
 def same_weights(a: dict, b: dict) -> bool:
-    keys = ("weights", "step", "fingerprint")
+    """Same checkpoint file, unchanged, evaluated at the same precision: numbers that belong together."""
+    keys = ("weights", "step", "fingerprint", "precision")
     return all(a.get("model", {}).get(k) == b.get("model", {}).get(k) for k in keys)
 
 
