@@ -109,12 +109,12 @@ def make_params(d, depth, trees, bias, dtype=torch.float64, scale=1.0):
     return w_in, b_in, w_out
 
 
-def run_both(x, params, trees, depth, placement, activation, wgrad, forced_path=False):
+def run_both(x, params, trees, depth, placement, activation, wgrad, forced_path=False, mode="auto"):
     """Kernel and reference outputs and gradients (x, w_in, b_in, w_out) for one random dL/dy."""
     w_in, b_in, w_out = params
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w_in, b_in, w_out)]
     y, path = tt.tree_ffn_triton(leaves[0], leaves[1], leaves[2], leaves[3], trees, depth, placement,
-                                 activation, wgrad=wgrad)
+                                 activation, wgrad=wgrad, mode=mode)
     g = torch.randn_like(y, dtype=torch.float64)
     (y.double() * g).sum().backward()
     ref_leaves = [t.detach().double().clone().requires_grad_(True) if t is not None else None
@@ -138,15 +138,16 @@ SHAPES = [(5, 7, 2, 3), (1, 9, 1, 0), (37, 12, 3, 2), (3, 16, 2, 5), (33, 5, 1, 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("placement", ["node", "post_sum"])
-def test_float64_matches_reference(shape, placement):
+@pytest.mark.parametrize("mode", ["gather", "dense"])
+def test_float64_matches_reference(shape, placement, mode):
     T, d, trees, depth = shape
     i = SHAPES.index(shape)
-    activation = list(ACTS)[(i + (placement == "post_sum") * 3) % len(ACTS)]
-    bias = i % 2 == 0
-    wgrad = "sparse" if (i + (placement == "node")) % 2 else "dense"
+    activation = list(ACTS)[(i + (placement == "post_sum") * 3 + (mode == "dense")) % len(ACTS)]
+    bias = (i + (mode == "dense")) % 2 == 0
+    wgrad = "sparse" if (i + (placement == "node")) % 2 else "dense"  # gather mode's two weight-grad forms
     params = make_params(d, depth, trees, bias)
     x = torch.randn(T, d, dtype=torch.float64, device=DEVICE)
-    got, want, path, path_ref, _ = run_both(x, params, trees, depth, placement, activation, wgrad)
+    got, want, path, path_ref, _ = run_both(x, params, trees, depth, placement, activation, wgrad, mode=mode)
     assert torch.equal(path.cpu(), path_ref.cpu())
     for name, a, b in zip(("y", "x", "w_in", "b_in", "w_out"), got, want):
         if b is None:
@@ -156,11 +157,12 @@ def test_float64_matches_reference(shape, placement):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_off_path_nodes_get_exactly_zero_gradient():
+@pytest.mark.parametrize("mode", ["gather", "dense"])
+def test_off_path_nodes_get_exactly_zero_gradient(mode):
     T, d, trees, depth = 4, 6, 2, 3
     params = make_params(d, depth, trees, True)
     x = torch.randn(T, d, dtype=torch.float64, device=DEVICE)
-    got, _, path, _, _ = run_both(x, params, trees, depth, "node", "gelu", "sparse")
+    got, _, path, _, _ = run_both(x, params, trees, depth, "node", "gelu", "sparse", mode=mode)
     n_nodes = 2 ** (depth + 1) - 1
     visited = set((path + torch.arange(trees, device=path.device).view(1, -1, 1) * n_nodes).flatten().tolist())
     off = [r for r in range(trees * n_nodes) if r not in visited]
@@ -169,14 +171,15 @@ def test_off_path_nodes_get_exactly_zero_gradient():
         assert grad[off].abs().max() == 0
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 19, 530])  # speculation over 3 levels, over 2, none; big tile
+@pytest.mark.parametrize("tokens, mode", [(1, "auto"), (4, "auto"), (19, "gather"), (19, "auto"), (530, "gather")])
 @pytest.mark.parametrize("placement", ["node", "post_sum"])
-def test_inference_tile_configs(tokens, placement):
+def test_inference_tile_configs(tokens, mode, placement):
+    """Every tile regime of the inference kernels: decode speculation, single-token tiles, big tiles."""
     trees, depth, d = (2, 5, 10) if tokens < 100 else (1, 4, 6)
     w_in, b_in, w_out = make_params(d, depth, trees, True)
     x = torch.randn(tokens, d, dtype=torch.float64, device=DEVICE)
     with torch.no_grad():
-        y, path = tt.tree_ffn_triton(x, w_in, b_in, w_out, trees, depth, placement, "gelu")
+        y, path = tt.tree_ffn_triton(x, w_in, b_in, w_out, trees, depth, placement, "gelu", mode=mode)
     y_ref, path_ref, _ = reference(x, w_in, b_in, w_out, trees, depth, placement, "gelu")
     assert torch.equal(path, path_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -198,12 +201,13 @@ def test_low_precision_within_dtype_tolerance(dtype, tol):
     T, d, trees, depth = (300, 256, 8, 6) if CUDA else (13, 24, 2, 4)
     params = make_params(d, depth, trees, True, dtype=dtype)
     x = torch.randn(T, d, device=DEVICE).to(dtype)
-    for placement in ("node", "post_sum"):
-        got, want, path, _, z64 = run_both(x, params, trees, depth, placement, "gelu", "auto", forced_path=True)
+    for placement, mode in (("node", "gather"), ("post_sum", "gather"), ("node", "dense")):
+        got, want, path, _, z64 = run_both(x, params, trees, depth, placement, "gelu", "auto", forced_path=True,
+                                           mode=mode)
         assert_routing_agrees(path, z64.detach(), trees, depth, tie=1e-3 if dtype == torch.bfloat16 else 1e-5)
         for name, a, b in zip(("y", "x", "w_in", "b_in", "w_out"), got, want):
             assert a.dtype == dtype, name
-            assert rel_err(a, b) < tol, f"{placement} {name}: rel err {rel_err(a, b):.2e}"
+            assert rel_err(a, b) < tol, f"{placement} {mode} {name}: rel err {rel_err(a, b):.2e}"
 
 
 def test_ties_go_left():
@@ -243,6 +247,8 @@ def test_rejects_bad_arguments():
         tt.tree_ffn_triton(x, w, None, w, 2, 2)
     with pytest.raises(ValueError, match="wgrad"):
         tt.tree_ffn_triton(x, w, None, w, 1, 2, wgrad="atomic")
+    with pytest.raises(ValueError, match="mode"):
+        tt.tree_ffn_triton(x, w, None, w, 1, 2, mode="sparse")
 
 
 @pytest.mark.skipif(not CUDA, reason="autocast dtype handling is a CUDA feature")

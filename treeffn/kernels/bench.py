@@ -44,21 +44,28 @@ TOKENS_CPU = (1, 16, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative error (norm of difference / norm of reference) a path may have against float64.
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+# Path name -> tree_ffn_triton mode. "triton" is what tree.impl=triton runs (mode auto).
+TRITON_MODES = {"triton": "auto", "triton_gather": "gather", "triton_dense": "dense"}
 # The gather path's backward is very slow at large batches; it is an inference path.
 GATHER_FWDBWD_MAX_TOKENS = 2048
 
 
 # --------------------------------------------------------------------------- timing
 class Timer:
-    """Median of per-call timings; the cache is flushed before each call, outside the timing."""
+    """Median of per-call device times; the cache is flushed before each call, outside the timing.
+
+    On a GPU a spin kernel runs before each timed call, long enough for the host to enqueue the
+    whole call, so the events time the GPU's work and not Python's launch overhead (the host's
+    enqueue time is reported separately: in a model's decode loop CUDA graphs remove it).
+    """
 
     def __init__(self, device: torch.device, rep_ms: float = 100.0, warmup_ms: float = 25.0):
         self.device, self.rep_ms, self.warmup_ms = device, rep_ms, warmup_ms
         self.cuda = device.type == "cuda"
-        # Larger than the GPU's L2 (60 MB on H200) / the CPU's L3, and slow enough to write that
-        # the CPU has enqueued the next call before the flush ends (no launch gaps in the timing).
+        # Larger than the GPU's L2 (60 MB on H200) / the CPU's L3 (32 MB here).
         size = (512 if self.cuda else 96) << 20
         self.flush_buf = torch.empty(size, dtype=torch.int8, device=device)
+        self.spin_cycles = 0
 
     def flush(self):
         self.flush_buf.zero_() if self.cuda else self.flush_buf.add_(1)
@@ -71,6 +78,8 @@ class Timer:
         self.flush()
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if self.spin_cycles:
+                torch.cuda._sleep(self.spin_cycles)
             start.record()
             fn()
             end.record()
@@ -83,16 +92,27 @@ class Timer:
     def __call__(self, fn) -> dict:
         fn()
         self.sync()
+        host = []
+        for _ in range(5):  # host time to enqueue one call (the GPU is idle, so nothing waits)
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e6)
+            self.sync()
+        host_us = statistics.median(host)
+        # ~2 cycles per ns at the H200's clocks; twice the enqueue time, plus a margin.
+        self.spin_cycles = int(2000 * (2 * host_us + 50)) if self.cuda else 0
         first = [self._one(fn) for _ in range(3)]
         est_us = max(min(first), 1.0)
         for _ in range(max(1, min(200, int(self.warmup_ms * 1e3 / est_us)))):
             fn()
         self.sync()
-        cap = 300 if self.cuda else 60  # a CPU flush takes milliseconds
+        cap = 200 if self.cuda else 60  # each call also pays a flush (and on a GPU a spin)
         reps = max(5 if est_us > 2e5 else 10, min(cap, int(self.rep_ms * 1e3 / est_us)))
         times = sorted(self._one(fn) for _ in range(reps))
+        self.spin_cycles = 0
         q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-        return {"median_us": statistics.median(times), "p10_us": q(0.1), "p90_us": q(0.9), "reps": reps}
+        return {"median_us": statistics.median(times), "p10_us": q(0.1), "p90_us": q(0.9), "reps": reps,
+                "host_enqueue_us": host_us}
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
@@ -136,12 +156,13 @@ def tree_fn(path: str, layer):
         return layer.forward_masked
     if path == "gather":
         return layer.forward_gather
-    if path == "triton":
+    if path in TRITON_MODES:
         from treeffn.kernels.triton_tree import tree_ffn_triton
 
+        mode = TRITON_MODES[path]
         return lambda x: tree_ffn_triton(x, layer.w_in, layer.b_in, layer.w_out, layer.trees, layer.depth,
-                                         layer.placement, layer.activation)
-    raise ValueError(path)
+                                         layer.placement, layer.activation, mode=mode)
+    raise ValueError(f"unknown path {path!r}; choose from dense, masked, gather, {', '.join(TRITON_MODES)}")
 
 
 def reference64(x, w_in, b_in, w_out, trees, depth, placement, path):
@@ -385,8 +406,12 @@ def markdown(result: dict) -> str:
         f"- command: `{env['command']}`",
         f"- measured ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read+write), "
         f"GEMM {ceil['gemm']} {ceil['gemm_TFLOPs']:.1f} TFLOP/s",
-        "- times: median µs per call, cache flushed before each call; (×) = dense time / path time "
-        "(>1 is faster than dense)", "",
+        "- times: median GPU µs per call (CUDA events; L2 flushed before each call; a spin kernel "
+        "lets the host enqueue the whole call first, so Python launch overhead is not counted; "
+        "it is in the JSON as host_enqueue_us). On CPU: wall time. (×) = dense time / path time "
+        "(>1 is faster than dense)",
+        "- triton = tree.impl=triton (mode auto); triton_gather = path-rows-only kernels; "
+        "triton_dense = GEMM form with the Triton routing kernel", "",
     ]
     paths = result["args"]["paths"]
     for mode in result["args"]["modes"]:
@@ -549,8 +574,14 @@ def run_loss_curve(args) -> dict:
     blocks = ids[: n_blocks * (block + 1)].view(n_blocks, block + 1)
     shape = dict(d=256, layers=4, heads=4, depth=5, trees=16)  # 16 x 63 = 1008 nodes ~ ffn 1024
     curves = {}
+    from treeffn.kernels import triton_tree as tt
+
+    auto_max = tt.GATHER_MAX_TOKENS
     for label, impl, bf16 in (("masked-bf16", "masked", True), ("triton-bf16", "triton", True),
-                              ("masked-fp32", "masked", False)):
+                              ("triton-gather-bf16", "triton", True), ("masked-fp32", "masked", False)):
+        # triton-bf16 runs mode auto (the GEMM form at this batch); triton-gather forces the
+        # path-only kernels in forward and backward.
+        tt.GATHER_MAX_TOKENS = 1 << 40 if label == "triton-gather-bf16" else auto_max
         torch.manual_seed(args.seed)
         model = TinyTreeLM(tok.get_vocab_size(), placement=args.placement, impl=impl, **shape).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -570,14 +601,19 @@ def run_loss_curve(args) -> dict:
         curves[label] = {"losses": losses, "wall_s": time.perf_counter() - t0}
         print(f"{label}: first {losses[0]:.4f}  last {losses[-1]:.4f}  ({curves[label]['wall_s']:.1f} s)", flush=True)
         del model, opt
+    tt.GATHER_MAX_TOKENS = auto_max
     a, b, c = (curves[k]["losses"] for k in ("masked-bf16", "triton-bf16", "masked-fp32"))
+    g = curves["triton-gather-bf16"]["losses"]
     tail = max(1, len(a) // 5)
     summary = {
         "max_abs_diff_triton_vs_masked": max(abs(p - q) for p, q in zip(a, b)),
+        "max_abs_diff_triton_gather_vs_masked": max(abs(p - q) for p, q in zip(a, g)),
+        "mean_last_triton_gather_bf16": statistics.mean(g[-tail:]),
         "max_abs_diff_bf16_vs_fp32": max(abs(p - q) for p, q in zip(a, c)),
         "mean_last_masked_bf16": statistics.mean(a[-tail:]), "mean_last_triton_bf16": statistics.mean(b[-tail:]),
         "mean_last_masked_fp32": statistics.mean(c[-tail:]), "steps": len(a), "tail_steps": tail,
-        "loss_at": {str(i): [round(a[i], 4), round(b[i], 4), round(c[i], 4)]
+        "loss_at (masked, triton, triton-gather, masked-fp32)": {
+            str(i): [round(a[i], 4), round(b[i], 4), round(g[i], 4), round(c[i], 4)]
                     for i in sorted({0, len(a) // 4, len(a) // 2, 3 * len(a) // 4, len(a) - 1})},
     }
     print(json.dumps(summary, indent=1), flush=True)
@@ -595,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=",".join(PRESETS),
                    help=f"comma list of {', '.join(PRESETS)} or custom:d,ffn,K,D")
     p.add_argument("--tokens", default=None, help="comma list (default 1,16,128,2048,16384 on GPU; 1,16,128 on CPU)")
-    p.add_argument("--paths", default=None, help="comma list of dense,masked,gather,triton (default: all that run here)")
+    p.add_argument("--paths", default=None, help="comma list of dense, masked, gather, triton (mode auto), "
+                   "triton_gather, triton_dense (default: all that run here)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
     p.add_argument("--placement", default="node", choices=["node", "post_sum"])
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed milliseconds per measurement (about)")
@@ -628,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     from treeffn.kernels import triton_available
 
     can_triton = triton_available() and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1")
-    default_paths = ["dense", "masked", "gather"] + (["triton"] if can_triton else [])
+    default_paths = ["dense", "masked", "gather"] + (list(TRITON_MODES) if can_triton else [])
     args.paths = [p for p in args.paths.split(",") if p] if args.paths else default_paths
     out_dir = Path(args.out or Path("outputs") / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Triton kernels for the tree FFN: only the nodes on each token's path are ever touched.
+"""Triton kernels for the tree FFN, in two modes that compute the same function.
 
 The layer (DESIGN.md §2) for one token x, per tree k, walks D+1 levels (L = D+1 nodes):
 
@@ -6,24 +6,27 @@ The layer (DESIGN.md §2) for one token x, per tree k, walks D+1 levels (L = D+1
     node:     y = sum_{k,l} act(z_l) * w_out[row_l]
     post_sum: y = act( sum_{k,l} z_l * w_out[row_l] )
 
-Four kernels, all fp32 accumulation (fp64 when the inputs are fp64, for exact tests):
+mode "gather" touches only the path rows (fp32 accumulation; fp64 for fp64 inputs):
 
     _route_kernel    grid (token tiles, trees): walk the levels, store z and the node of
-                     every (token, tree, level). Small batches speculate: one round loads a
-                     whole 2- or 3-level subtree at once, so the chain of dependent memory
-                     round trips is shorter (decode is latency-bound, not bandwidth-bound).
+                     every (token, tree, level). Decode speculates: one round loads a whole
+                     2-level subtree, so the chain of dependent memory round trips is shorter.
     _combine_kernel  grid (token tiles, d tiles): out = sum over the K*L path entries of
                      coef * W[row]. Forward: W = w_out, coef = act(z) or z. Backward for x:
                      W = w_in, coef = dL/dz.
     _gcoef_kernel    grid (token tiles, trees): dL/dz for every path entry, from dL/dy and the
                      path rows of w_out (times act'(z) for placement "node").
     _wgrad_kernel    grid (node rows, d tiles): weight gradients of one node row from the
-                     entries routed through it (a CSR list built with one sort), so rows no
-                     token visited are written as zeros without reading anything.
+                     entries routed through it (a CSR list built with one sort); rows no token
+                     visited are written as zeros without reading anything.
 
-For large batches the weight gradients can instead go through two dense GEMMs of a
-(tokens, K*N) matrix that holds the path coefficients and zeros elsewhere ("dense" wgrad):
-the same numbers, but cuBLAS on tensor cores; ``wgrad="auto"`` picks by token count.
+These are CUDA-core dot products on gathered rows: each (token, tree, level) needs its own row,
+so there is no tile with reuse for tensor cores. They win while the layer is bound by weight
+bytes and latency (a few tokens); measured on an H200 they lose to one cuBLAS GEMM from about
+16 tokens on (docs/kernels.md). Mode "dense" is for those batches: all node pre-activations in
+one GEMM, a Triton kernel that routes and writes the (tokens, K*N) coefficient matrix (path
+entries, zeros elsewhere) in place, and a second GEMM; the backward is four GEMMs around the
+same kind of kernel. Same function and gradients; ``mode="auto"`` picks by token count.
 Entries are laid out (T, K, L) row-major everywhere: flat index t*K*L + k*L + l.
 """
 
@@ -41,7 +44,13 @@ from treeffn.layers.activations import get_activation
 # Activation names (treeffn.layers.activations) -> the constexpr id the kernels branch on.
 ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "tanh": 4, "identity": 5}
 WGRADS = ("auto", "sparse", "dense")
-# wgrad="auto": sparse CSR kernel up to this many tokens, dense GEMMs above (bench measures both).
+MODES = ("auto", "gather", "dense")
+# mode="auto": the path-only kernels up to this many tokens, the GEMM form above (measured
+# crossover on an H200 at OPT-1.3B width: 16 tokens).
+GATHER_MAX_TOKENS = 16
+# The dense mode's routing tile holds one tree's N nodes per token: up to depth 11.
+DENSE_MAX_DEPTH = 11
+# wgrad="auto" (gather mode): sparse CSR kernel up to this many tokens, dense GEMMs above.
 SPARSE_WGRAD_MAX_TOKENS = 256
 
 # Tile choices can be overridden per kernel (the bench's --tune sweep uses this).
@@ -252,6 +261,63 @@ def _wgrad_kernel(
     tl.store(dwin_ptr + off, acc_in.to(dwin_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _route_dense_kernel(
+    zall_ptr, z_ptr, node_ptr,
+    T, N_NODES, LEVELS, stride_zall,
+    COEF_ACT: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
+):
+    """Dense mode: route on the precomputed z of all nodes (T, K*N) and overwrite each tree's
+    block of it, in place, with the coefficient matrix: act(z) or z on the path, 0 elsewhere."""
+    pid_t = tl.program_id(0)
+    tree = tl.program_id(1)
+    n_trees = tl.num_programs(1)
+    tok = pid_t * BT + tl.arange(0, BT)
+    tmask = tok < T
+    cols = tl.arange(0, NP)
+    row = zall_ptr + tok.to(tl.int64) * stride_zall + tree * N_NODES
+    out_base = tok.to(tl.int64) * (n_trees * LEVELS) + tree * LEVELS
+    node = tl.zeros([BT], dtype=tl.int32)
+    coef = tl.zeros([BT, NP], dtype=ACC)
+    for level in range(LEVELS):  # every read of the block happens before the store below
+        zc = tl.load(row + node, mask=tmask, other=0.0).to(ACC)
+        tl.store(z_ptr + out_base + level, zc, mask=tmask)
+        tl.store(node_ptr + out_base + level, node.to(tl.int64), mask=tmask)
+        c = _act(zc, ACT) if COEF_ACT else zc
+        coef = tl.where(cols[None, :] == node[:, None], c[:, None], coef)
+        node = 2 * node + 1 + (zc > 0).to(tl.int32)
+    tl.store(row[:, None] + cols[None, :], coef.to(zall_ptr.dtype.element_ty),
+             mask=tmask[:, None] & (cols < N_NODES)[None, :])
+
+
+@triton.jit
+def _grad_dense_kernel(
+    da_ptr, z_ptr, node_ptr, gz_ptr,
+    T, N_NODES, LEVELS, stride_da,
+    ACT_GRAD: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
+):
+    """Dense-mode backward: dL/dA (T, K*N) from one GEMM -> dL/dz on the path, written to gz
+    (T, K, L) and, in place over dL/dA, as the (T, K*N) matrix with zeros off the path."""
+    pid_t = tl.program_id(0)
+    tree = tl.program_id(1)
+    n_trees = tl.num_programs(1)
+    tok = pid_t * BT + tl.arange(0, BT)
+    tmask = tok < T
+    cols = tl.arange(0, NP)
+    row = da_ptr + tok.to(tl.int64) * stride_da + tree * N_NODES
+    out_base = tok.to(tl.int64) * (n_trees * LEVELS) + tree * LEVELS
+    g = tl.zeros([BT, NP], dtype=ACC)
+    for level in range(LEVELS):
+        node = tl.load(node_ptr + out_base + level, mask=tmask, other=0)
+        gzc = tl.load(row + node, mask=tmask, other=0.0).to(ACC)
+        if ACT_GRAD:
+            gzc = gzc * _act_grad(tl.load(z_ptr + out_base + level, mask=tmask, other=0.0).to(ACC), ACT)
+        tl.store(gz_ptr + out_base + level, gzc, mask=tmask)
+        g = tl.where(cols[None, :] == node[:, None], gzc[:, None], g)
+    tl.store(row[:, None] + cols[None, :], g.to(da_ptr.dtype.element_ty),
+             mask=tmask[:, None] & (cols < N_NODES)[None, :])
+
+
 # --------------------------------------------------------------------------- tile choices
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -263,36 +329,41 @@ def _warps(elements: int) -> int:
 
 
 def route_config(tokens: int, d: int, inference: bool) -> dict:
-    """Tiles of _route_kernel: decode speculates over 3 levels, small batches over 2."""
+    """Tiles of _route_kernel (from the H200 sweep, `treeffn bench --tune`, OPT-1.3B width)."""
     if inference and tokens <= 8:
-        cfg = dict(SPEC=3, BT=1, BD=min(_p2(d), 2048))
-    elif inference and tokens <= 32:
-        cfg = dict(SPEC=2, BT=1, BD=min(_p2(d), 2048))
+        cfg = dict(SPEC=2, BT=1, BD=min(_p2(d), 2048))  # 4 dependent rounds instead of 7
+    elif tokens <= 32:
+        cfg = dict(SPEC=1, BT=1, BD=min(_p2(d), 2048))
     elif tokens <= 512:
-        cfg = dict(SPEC=1, BT=4, BD=min(_p2(d), 1024))
+        cfg = dict(SPEC=1, BT=16, BD=min(_p2(d), 256))
     else:
-        cfg = dict(SPEC=1, BT=32, BD=min(_p2(d), 128))
+        cfg = dict(SPEC=1, BT=32, BD=min(_p2(d), 256))
     return {**cfg, **CONFIG_OVERRIDES.get("route", {})}
 
 
 def combine_config(tokens: int, entries: int, d: int) -> dict:
-    if tokens <= 32:
-        be = min(_p2(entries), 512)
+    if tokens <= 512:
+        be = min(_p2(entries), 512 if tokens <= 4 else 256)
         cfg = dict(BT=1, BE=be, BD=min(_p2(d), max(16, 8192 // be)))
-    elif tokens <= 512:
-        cfg = dict(BT=4, BE=64, BD=min(_p2(d), 32))
     else:
-        cfg = dict(BT=32, BE=4, BD=min(_p2(d), 64))
+        cfg = dict(BT=64, BE=4, BD=min(_p2(d), 32))
     return {**cfg, **CONFIG_OVERRIDES.get("combine", {})}
 
 
 def gcoef_config(tokens: int, levels: int, d: int) -> dict:
     lp = _p2(levels)
-    if tokens <= 32:
+    if tokens <= 4:
         cfg = dict(BT=1, BD=min(_p2(d), max(16, 8192 // lp)))
+    elif tokens <= 512:
+        cfg = dict(BT=1, BD=min(_p2(d), 256))
     else:
         cfg = dict(BT=max(1, 128 // lp), BD=min(_p2(d), 64))
     return {**cfg, **CONFIG_OVERRIDES.get("gcoef", {})}
+
+
+def dense_config(n_nodes: int) -> dict:
+    np_ = _p2(n_nodes)
+    return {**dict(BT=max(1, min(32, 4096 // np_)), NP=np_), **CONFIG_OVERRIDES.get("dense", {})}
 
 
 def wgrad_config(d: int) -> dict:
@@ -409,48 +480,109 @@ def weight_grads_dense(x, gy, a, gz, node, depth: int, total_rows: int):
     return dw_in, dw_out
 
 
+def route_dense(x, w_in, b_in, trees: int, depth: int, coef_act: bool, act_id: int):
+    """Dense mode forward, first half: (coefficient matrix (T, K*N) in x's dtype, z, node)."""
+    T = x.shape[0]
+    levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
+    acc_tl, acc_torch = _acc_dtype(x.dtype)
+    coef = torch.nn.functional.linear(x, w_in, b_in)  # z of every node; overwritten in place
+    z = _empty(T, trees, levels, device=x.device, dtype=acc_torch)
+    node = _empty(T, trees, levels, device=x.device, dtype=torch.int64)
+    if T:
+        cfg = dense_config(n_nodes)
+        _route_dense_kernel[(triton.cdiv(T, cfg["BT"]), trees)](
+            coef, z, node, T, n_nodes, levels, coef.stride(0),
+            COEF_ACT=coef_act, ACT=act_id, ACC=acc_tl, BT=cfg["BT"], NP=cfg["NP"],
+            num_warps=cfg.get("num_warps", _warps(cfg["BT"] * cfg["NP"])),
+        )
+    return coef, z, node
+
+
+def grad_dense(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
+    """Dense mode backward: (dL/dz as a (T, K*N) matrix with zeros off the path, gz (T, K, L))."""
+    T, trees, levels = node.shape
+    n_nodes = 2 ** (depth + 1) - 1
+    g = gy @ w_out.t()  # dL/d(coefficient) of every node; overwritten in place
+    gz = _empty(T, trees, levels, device=gy.device, dtype=z.dtype)
+    if T:
+        acc_tl, _ = _acc_dtype(gy.dtype)
+        cfg = dense_config(n_nodes)
+        _grad_dense_kernel[(triton.cdiv(T, cfg["BT"]), trees)](
+            g, z, node, gz, T, n_nodes, levels, g.stride(0),
+            ACT_GRAD=act_grad, ACT=act_id, ACC=acc_tl, BT=cfg["BT"], NP=cfg["NP"],
+            num_warps=cfg.get("num_warps", _warps(cfg["BT"] * cfg["NP"])),
+        )
+    return g, gz
+
+
+def pick_mode(mode: str, tokens: int, depth: int) -> str:
+    if mode == "auto":
+        mode = "gather" if tokens <= GATHER_MAX_TOKENS else "dense"
+    if mode == "dense" and depth > DENSE_MAX_DEPTH:
+        mode = "gather"  # a (tokens, N) routing tile per tree would not fit
+    return mode
+
+
 # --------------------------------------------------------------------------- autograd
 class TreeFFNFunction(torch.autograd.Function):
     """Training path. Returns (out, node): out = sum act(z)*v ("node") or sum z*v (post_sum's
-    pre-activation; the caller applies act so that autograd handles act'). Saves x, the
-    weights, z (T,K,L) and the path; backward reads only path rows (or uses dense GEMMs for
-    the weight gradients when wgrad says so)."""
+    pre-activation; the caller applies act so that autograd handles act').
+
+    gather mode saves x, the weights, z (T,K,L) and the path, and its backward reads only path
+    rows (weight gradients through the CSR kernel, or two GEMMs when wgrad says so). dense mode
+    saves the coefficient matrix instead and runs four GEMMs around _grad_dense_kernel.
+    """
 
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, depth, node_act, act_id, wgrad):
+    def forward(ctx, x, w_in, b_in, w_out, depth, node_act, act_id, wgrad, mode):
         trees = w_in.shape[0] // (2 ** (depth + 1) - 1)
-        z, node = route(x, w_in, b_in, trees, depth, inference=False)
-        out = combine(z, node, w_out, depth, x.dtype, coef_act=node_act, out_act=False, act_id=act_id)
-        ctx.save_for_backward(x, w_in, b_in, w_out, z, node)
-        ctx.depth, ctx.node_act, ctx.act_id, ctx.wgrad = depth, node_act, act_id, wgrad
+        if mode == "dense":
+            coef, z, node = route_dense(x, w_in, b_in, trees, depth, node_act, act_id)
+            out = coef @ w_out
+            ctx.save_for_backward(x, w_in, b_in, w_out, z, node, coef)
+        else:
+            z, node = route(x, w_in, b_in, trees, depth, inference=False)
+            out = combine(z, node, w_out, depth, x.dtype, coef_act=node_act, out_act=False, act_id=act_id)
+            ctx.save_for_backward(x, w_in, b_in, w_out, z, node)
+        ctx.depth, ctx.node_act, ctx.act_id, ctx.wgrad, ctx.mode = depth, node_act, act_id, wgrad, mode
         ctx.mark_non_differentiable(node)
         return out, node
 
     @staticmethod
     def backward(ctx, gy, _gnode):
-        x, w_in, b_in, w_out, z, node = ctx.saved_tensors
+        x, w_in, b_in, w_out, z, node, *saved = ctx.saved_tensors
         depth, node_act, act_id = ctx.depth, ctx.node_act, ctx.act_id
         gy = gy.contiguous()
         T = x.shape[0]
         total_rows = w_in.shape[0]
-        gz = grad_coef(gy, z, node, w_out, depth, act_grad=node_act, act_id=act_id)
         gx = gb = dw_in = dw_out = None
-        if ctx.needs_input_grad[0]:
-            gx = combine(gz, node, w_in, depth, x.dtype, coef_act=False, out_act=False, act_id=act_id)
+        if ctx.mode == "dense":
+            (coef,) = saved
+            g, gz = grad_dense(gy, z, node, w_out, depth, act_grad=node_act, act_id=act_id)
+            if ctx.needs_input_grad[0]:
+                gx = g @ w_in
+            if ctx.needs_input_grad[1]:
+                dw_in = g.t() @ x
+            if ctx.needs_input_grad[3]:
+                dw_out = coef.t() @ gy
+        else:
+            gz = grad_coef(gy, z, node, w_out, depth, act_grad=node_act, act_id=act_id)
+            if ctx.needs_input_grad[0]:
+                gx = combine(gz, node, w_in, depth, x.dtype, coef_act=False, out_act=False, act_id=act_id)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+                wgrad = ctx.wgrad
+                if wgrad == "auto":
+                    wgrad = "sparse" if T <= SPARSE_WGRAD_MAX_TOKENS else "dense"
+                if wgrad == "sparse":
+                    dw_in, dw_out = weight_grads_sparse(x, gy, z, gz, node, depth, node_act, act_id, total_rows)
+                else:
+                    a = get_activation(_ACT_NAMES[act_id])(z) if node_act else z
+                    dw_in, dw_out = weight_grads_dense(x, gy, a, gz, node, depth, total_rows)
         if b_in is not None and ctx.needs_input_grad[2]:
             gb = torch.zeros(total_rows, device=x.device, dtype=gz.dtype)
             gb.index_add_(0, global_rows(node, depth).flatten(), gz.flatten())
             gb = gb.to(b_in.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            wgrad = ctx.wgrad
-            if wgrad == "auto":
-                wgrad = "sparse" if T <= SPARSE_WGRAD_MAX_TOKENS else "dense"
-            if wgrad == "sparse":
-                dw_in, dw_out = weight_grads_sparse(x, gy, z, gz, node, depth, node_act, act_id, total_rows)
-            else:
-                a = get_activation(_ACT_NAMES[act_id])(z) if node_act else z
-                dw_in, dw_out = weight_grads_dense(x, gy, a, gz, node, depth, total_rows)
-        return gx, dw_in, gb, dw_out, None, None, None, None
+        return gx, dw_in, gb, dw_out, None, None, None, None, None
 
 
 _ACT_NAMES = {v: k for k, v in ACT_IDS.items()}
@@ -458,11 +590,12 @@ _ACT_NAMES = {v: k for k, v in ACT_IDS.items()}
 
 # --------------------------------------------------------------------------- entry point
 def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str = "node",
-                    activation: str = "gelu", wgrad: str = "auto"):
+                    activation: str = "gelu", wgrad: str = "auto", mode: str = "auto"):
     """Tree FFN through the Triton kernels: (y (T, d), path (T, K, D+1) int64 local nodes).
 
     x: (T, d). Differentiable when grad mode is on and any input requires grad. Under CUDA
     autocast the inputs and weights are cast to the autocast dtype, as F.linear would be.
+    mode: "gather" (path rows only), "dense" (GEMM form) or "auto" (by token count).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
@@ -470,6 +603,8 @@ def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str
         raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACT_IDS)}")
     if wgrad not in WGRADS:
         raise ValueError(f"unknown wgrad {wgrad!r}; allowed: {', '.join(WGRADS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     if not 0 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be 0..{MAX_DEPTH}, got {depth}")
     if x.dim() != 2 or x.shape[1] != w_in.shape[1]:
@@ -482,16 +617,21 @@ def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str
     dtype = x.dtype
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
+    mode = pick_mode(mode, x.shape[0], depth)
+    act_id = ACT_IDS[activation]
+    node_act = placement == "node"
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, w_in, w_out = (t.to(dtype).contiguous() for t in (x, w_in, w_out))
         b_in = b_in.to(dtype).contiguous() if b_in is not None else None
-        act_id = ACT_IDS[activation]
-        node_act = placement == "node"
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, w_in, b_in, w_out))
         if needs_grad:
-            out, node = TreeFFNFunction.apply(x, w_in, b_in, w_out, depth, node_act, act_id, wgrad)
+            out, node = TreeFFNFunction.apply(x, w_in, b_in, w_out, depth, node_act, act_id, wgrad, mode)
             y = out if node_act else get_activation(activation)(out)
+        elif mode == "dense":
+            coef, _, node = route_dense(x, w_in, b_in, trees, depth, node_act, act_id)
+            y = coef @ w_out
+            y = y if node_act else get_activation(activation)(y)
         else:
             z, node = route(x, w_in, b_in, trees, depth, inference=True)
             y = combine(z, node, w_out, depth, dtype, coef_act=node_act, out_act=not node_act, act_id=act_id)
