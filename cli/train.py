@@ -9,6 +9,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 
+EXIT_BAD_INPUT = 2  # nothing ran; the message names the field or file
+EXIT_PREEMPTED = 3  # a signal stopped training after a checkpoint; rerun to continue
+
+
 def run_name(override_dirname: str) -> str:
     """Run-dir name from the command's overrides: the same command, the same run dir."""
     name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname or "").strip("_")
@@ -32,15 +36,31 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
     quiet_library_logs()
-    try:
-        from treeffn.training.train import train
+    from treeffn.training.train import Preempted, train
 
-        result = train(resolved, run_dir)
+    hydra_cfg = HydraConfig.get()
+    command = {"argv": sys.argv[1:], "overrides": list(hydra_cfg.overrides.task),
+               "job_num": OmegaConf.select(hydra_cfg, "job.num")}
+    try:
+        result = train(resolved, run_dir, command=command)
     except ConfigError as e:
         print(f"treeffn train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        remove_if_empty(run_dir)  # Hydra made the folder; a refused command leaves nothing behind
+        sys.exit(EXIT_BAD_INPUT)
+    except Preempted as e:
+        print(f"treeffn train: stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     print_summary(result)
     return result["val_loss"]
+
+
+def remove_if_empty(folder: str) -> None:
+    import os
+
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def quiet_library_logs() -> None:

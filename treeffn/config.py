@@ -160,6 +160,7 @@ def validate_train_config(cfg: dict) -> None:
     _int_at_least("trainer.max_steps", trainer.get("max_steps"), 1)
     _int_at_least("optim.warmup_steps", optim.get("warmup_steps"), 0)
     _int_at_least("checkpoint.every_n_steps", cfg["checkpoint"].get("every_n_steps"), 1)
+    _int_at_least("guard.max_non_finite_steps", cfg.get("guard", {}).get("max_non_finite_steps"), 1)
     for name in cfg["logger"].get("names", []):
         _allowed("logger.names", name, LOGGERS)
     resume = cfg.get("resume")

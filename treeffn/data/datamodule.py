@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from treeffn.data.sampler import ResumableBatchSampler
 from treeffn.data.sources import load_source
 from treeffn.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -116,9 +117,19 @@ class TextDataModule(L.LightningDataModule):
             from treeffn.data.sources import DataError
 
             raise DataError(f"the training split has {len(self.train_set)} blocks, fewer than data.batch_size={self.batch_size}")
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=gen, num_workers=int(self.cfg.get("num_workers", 0)))
+        trainer = getattr(self, "trainer", None)
+        sampler = ResumableBatchSampler(
+            len(self.train_set), self.batch_size, self.seed, start_batch=self.batches_consumed(),
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+        )
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=int(self.cfg.get("num_workers", 0)))
+
+    def batches_consumed(self) -> int:
+        """Batches this rank has trained on so far (after a resume: those before the checkpoint)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,

@@ -2,6 +2,7 @@
 
 Run dir layout:
     config.yaml          resolved config of this run
+    command.json         the command line and its Hydra overrides
     environment.json     git revision, package versions, hardware
     checkpoints/         last.ckpt plus periodic step checkpoints
     logs/csv/metrics*.csv, wandb/   logged metrics
@@ -17,24 +18,52 @@ from pathlib import Path
 from treeffn.config import ConfigError, resolve_trees, validate_train_config
 from treeffn.results.record import RESULT_FORMAT, environment_snapshot, write_json_atomic
 
+class Preempted(RuntimeError):
+    """The run stopped on a signal after saving a checkpoint; the same command continues it."""
+
+
 # Keys whose change makes a different experiment: resuming across them is refused.
 IDENTITY_KEYS = ("model", "tree", "data", "seed")
 
 
 def find_resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    from treeffn.training.reliability import pick_resume_checkpoint
+
+    folder = run_dir / "checkpoints"
     resume = cfg["resume"]
     if resume == "never":
-        if last.exists():
+        if any(folder.glob("*.ckpt")):
             raise ConfigError(f"run dir {run_dir} already holds checkpoints; pass resume=auto to continue it "
                               f"or choose another hydra.run.dir")
         return None
     if resume == "auto":
-        return last if last.exists() else None
+        return pick_resume_checkpoint(folder)
     path = Path(resume).expanduser()
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no such checkpoint file")
     return path
+
+
+def check_written_by_older_treeffn(run_dir: Path) -> None:
+    """A run dir from a newer treeffn may hold records this version misreads: refuse it."""
+    import json
+
+    from treeffn import __version__
+
+    env = run_dir / "environment.json"
+    if not env.exists():
+        return
+    try:
+        theirs = json.loads(env.read_text())["versions"]["treeffn"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{env} is unreadable; this run dir was not written by a finished treeffn start") from None
+    if theirs and _version_tuple(theirs) > _version_tuple(__version__):
+        raise ConfigError(f"run dir {run_dir} was written by treeffn {theirs}, newer than this treeffn "
+                          f"{__version__}; upgrade treeffn or choose another hydra.run.dir")
+
+
+def _version_tuple(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("+")[0].split("."))
 
 
 def check_same_experiment(cfg: dict, run_dir: Path) -> None:
@@ -107,10 +136,38 @@ def make_wandb_logger(cfg: dict, run_dir: Path):
                        id=id_file.read_text().strip(), resume="allow", mode=mode, config=cfg)
 
 
-def train(cfg: dict, run_dir: Path) -> dict:
-    """Train one model as configured; writes the run dir and returns the result record."""
+def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
+    """Train one model as configured; writes the run dir and returns the result record.
+
+    Every started run also appends its outcome to ``<run dir>/../index.jsonl`` (finished,
+    preempted or failed with its error), so a sweep's index shows every job.
+    """
+    from treeffn.results.index import INDEX_FILE, append_record
+
+    run_dir = Path(run_dir)
+    index = run_dir.parent / INDEX_FILE
+    try:
+        result = _train(cfg, run_dir, command)
+    except ConfigError:
+        raise  # bad input: nothing ran, nothing is recorded
+    except Preempted as e:
+        append_record(index, {"run_dir": str(run_dir), "status": "preempted", "error": str(e)})
+        raise
+    except BaseException as e:
+        error = f"{type(e).__name__}: {e}".strip()
+        write_json_atomic(run_dir / "result.json", {"format": RESULT_FORMAT, "status": "failed", "error": error,
+                                                    "run_dir": str(run_dir), "seed": cfg.get("seed")})
+        append_record(index, {"run_dir": str(run_dir), "status": "failed", "error": error})
+        raise
+    append_record(index, {k: result.get(k) for k in ("run_dir", "status", "val_loss", "val_ppl", "steps",
+                                                     "tokens_seen", "ffn", "model", "seed")})
+    return result
+
+
+def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     validate_train_config(cfg)
     run_dir = Path(run_dir)
+    check_written_by_older_treeffn(run_dir)
     ckpt = find_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_same_experiment(cfg, run_dir)
@@ -123,6 +180,7 @@ def train(cfg: dict, run_dir: Path) -> dict:
     from treeffn.models.build import accounting, build_model
     from treeffn.training.callbacks import RoutingSummary, Throughput
     from treeffn.training.lm_module import CausalLMModule
+    from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
 
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -130,10 +188,15 @@ def train(cfg: dict, run_dir: Path) -> dict:
     data.setup()  # tokenizes and packs now, so bad data fails before a model is built
     model = build_model(cfg["model"], cfg["tree"], vocab_size=data.vocab_size, **data.special_ids())
     acct = accounting(model)
+    if ckpt is not None:
+        check_checkpoint_fits(ckpt, model)
 
+    # Everything above can fail on bad input; nothing in the run dir is written before this line.
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     write_json_atomic(run_dir / "environment.json", environment_snapshot())
+    if command is not None:
+        write_json_atomic(run_dir / "command.json", command)
 
     t = cfg["trainer"]
     module = CausalLMModule(model, cfg["optim"], max_steps=t["max_steps"])
@@ -145,6 +208,9 @@ def train(cfg: dict, run_dir: Path) -> dict:
                         enable_version_counter=False),
         throughput := Throughput(tokens_per_step=0),
         routing,
+        RNGState(),
+        guard := NonFiniteGuard(cfg["guard"]["max_non_finite_steps"]),
+        preemption := Preemption(run_dir / "checkpoints" / "last.ckpt"),
         RichProgressBar(leave=True),
     ]
     trainer = L.Trainer(
@@ -162,13 +228,20 @@ def train(cfg: dict, run_dir: Path) -> dict:
         log_every_n_steps=t["log_every_n_steps"],
         deterministic=t["deterministic"],
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the DataModule's sampler shards by rank itself
         logger=make_loggers(cfg, run_dir, resuming=ckpt is not None) or False,
         callbacks=callbacks,
         enable_model_summary=False,
     )
     tokens_per_step = data.batch_size * data.block_size * t["accumulate_grad_batches"] * trainer.world_size
     throughput.tokens_per_step = tokens_per_step
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    if preemption.received:
+        result = {"format": RESULT_FORMAT, "status": "preempted", "signal": preemption.received,
+                  "steps": int(trainer.global_step), "run_dir": str(run_dir)}
+        write_json_atomic(run_dir / "result.json", result)
+        raise Preempted(f"received {preemption.received} at step {trainer.global_step}; checkpoint saved in "
+                        f"{run_dir / 'checkpoints' / 'last.ckpt'}; rerun the same command to continue")
 
     # The result's validation numbers come from the final weights.
     if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
@@ -193,8 +266,12 @@ def train(cfg: dict, run_dir: Path) -> dict:
         "routing": routing.last or None,
         "run_dir": str(run_dir),
     }
-    if not math.isfinite(result["val_loss"]):
+    if guard.stop_reason:
+        result["status"] = "stopped_non_finite"
+        result["stop_reason"] = guard.stop_reason
+    elif not math.isfinite(result["val_loss"]):
         result["status"] = "non_finite"
+    result["skipped_non_finite_steps"] = guard.skipped
     write_json_atomic(run_dir / "result.json", result)
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":

@@ -1,0 +1,161 @@
+"""What keeps long runs dependable: exact resume state, preemption, non-finite steps, checkpoint checks."""
+
+from __future__ import annotations
+
+import random
+import signal
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from treeffn.config import ConfigError
+
+
+class RNGState(L.Callback):
+    """Carries the Python, NumPy and torch RNG states through checkpoints, so that dropout after
+    a resume draws what it would have drawn without the interruption."""
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict  # applied when training starts, after everything else is built
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._pending is None:
+            return
+        s, self._pending = self._pending, None
+        random.setstate(s["python"])
+        np.random.set_state((s["numpy"][0], s["numpy"][1].numpy(), *s["numpy"][2:]))
+        torch.set_rng_state(s["torch"])
+        if "cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips an optimizer step whose gradients are not finite (a NaN/inf loss gives such
+    gradients) by dropping them, so AdamW leaves weights and moments untouched; stops the run
+    after ``max_consecutive`` skipped steps in a row."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.streak = 0
+        self.skipped = 0
+        self.stop_reason: str | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
+        if finite:
+            self.streak = 0
+            return
+        for p in pl_module.parameters():
+            p.grad = None
+        self.streak += 1
+        self.skipped += 1
+        pl_module.log("train/skipped_non_finite", float(self.skipped))
+        if self.streak >= self.max_consecutive:
+            self.stop_reason = (f"{self.streak} consecutive steps with a non-finite loss or gradients "
+                                f"(up to step {trainer.global_step}); weights are those of the last finite step")
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+class Preemption(L.Callback):
+    """On SIGTERM or SIGUSR1 (what Slurm sends before a time limit or a preemption) finish the
+    current step, save ``last.ckpt`` and stop; rerunning the same command continues the run."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, last_ckpt: Path):
+        self.last_ckpt = Path(last_ckpt)
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.received is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        trainer.save_checkpoint(str(self.last_ckpt))
+        trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def checkpoint_is_readable(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception:
+        return False
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """Periodic checkpoints, newest first."""
+    return sorted(folder.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def pick_resume_checkpoint(folder: Path) -> Path | None:
+    """``last.ckpt``, or, when it cannot be read, the newest readable step checkpoint (with a warning)."""
+    candidates = [folder / "last.ckpt", *step_checkpoints(folder)]
+    candidates = [p for p in candidates if p.exists()]
+    for i, path in enumerate(candidates):
+        if checkpoint_is_readable(path):
+            if i:
+                warnings.warn(f"{candidates[0]} could not be read (corrupted or truncated); resuming from {path}")
+            return path
+    if candidates:
+        raise ConfigError(f"no checkpoint in {folder} can be read (all corrupted or truncated); "
+                          f"pass resume=never with a new hydra.run.dir to start over")
+    return None
+
+
+def check_checkpoint_fits(path: Path, model: torch.nn.Module) -> None:
+    """Refuse, before training, a checkpoint whose weights do not fit this model."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupted, truncated "
+                          f"or not a treeffn checkpoint") from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {path} holds no state_dict; it is not a treeffn training checkpoint")
+    expected = {f"model.{k}": v.shape for k, v in model.state_dict().items()}
+    got = {k: v.shape for k, v in state.items() if k.startswith("model.")}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
+    if missing or unexpected or mismatched:
+        first = (mismatched or missing or unexpected)[0]
+        detail = (f"{first} has shape {tuple(got[first])}, the model needs {tuple(expected[first])}" if mismatched
+                  else f"{first} is {'missing' if missing else 'unexpected'}")
+        raise ConfigError(f"checkpoint {path} is of another architecture ({detail}; "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched tensors)")
