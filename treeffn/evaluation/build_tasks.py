@@ -7,11 +7,16 @@ change gives byte-identical files.
 
     python -m treeffn.evaluation.build_tasks
 
-Four data sets, one YAML task each (the YAML files are written by hand, next to the data):
+Five data sets, one YAML task each (the YAML files are written by hand, next to the data):
 
 * ``nextline_hamlet``: multiple choice. Three consecutive verse lines of a speech from Hamlet
   (the embedded corpus' held-out validation work) and four candidate next lines: the true one
-  and three lines drawn from elsewhere in the play. Chance accuracy is 25%.
+  and three lines drawn from elsewhere in the play. Chance accuracy is 25%. Mostly a test of
+  using the context: a word-bigram model scores at chance.
+* ``completion_hamlet``: multiple choice. The same windows, but the prompt runs on into the
+  first half of the fourth line and the choices are second halves of lines. Local syntax helps
+  here (a word-bigram model reaches about 37% acc_norm), so small models already score above
+  chance and the task separates them.
 * ``nextverse_kjv``: multiple choice, out of domain. One King James verse and four candidate
   next verses from the same book.
 * ``rolling_hamlet`` / ``rolling_kjv``: passages of about 2,000 characters for rolling
@@ -125,6 +130,40 @@ def build_nextline_hamlet(rng: random.Random) -> dict[str, list[dict]]:
     }
 
 
+def completion_items(windows, pool: list[str], count: int, rng: random.Random) -> list[dict]:
+    """Like ``multiple_choice_items``, with the answer line cut in half: the prompt ends with its
+    first half, the choices are second halves (of the true line and of lines from ``pool``)."""
+    def halves(line: str) -> tuple[str, str]:
+        words = line.split()
+        return " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])
+
+    windows = [(ctx, ans) for ctx, ans in windows if len(ans.split()) >= 4]
+    tails = sorted({halves(ln)[1] for ln in pool if len(ln.split()) >= 4})
+    step = max(1, len(windows) // count)
+    items = []
+    for ctx, answer in windows[::step][:count]:
+        head, tail = halves(answer)
+        distractors: list[str] = []
+        while len(distractors) < CHOICES - 1:
+            other = rng.choice(tails)
+            if other != tail and other not in distractors:
+                distractors.append(other)
+        label = rng.randrange(CHOICES)
+        choices = distractors[:label] + [tail] + distractors[label:]
+        items.append({"context": "\n".join([*ctx, head]), "choices": choices, "label": label})
+    return items
+
+
+def build_completion_hamlet(rng: random.Random) -> dict[str, list[dict]]:
+    speeches = hamlet_speeches(hamlet_text())
+    cut = int(len(speeches) * 0.85)
+    pool = [ln for sp in speeches for ln in sp]
+    return {
+        "test": completion_items(next_item_windows(speeches[:cut], 3), pool, MC_TEST_ITEMS, rng),
+        "train": completion_items(next_item_windows(speeches[cut:], 3), pool, MC_TRAIN_ITEMS, rng),
+    }
+
+
 def build_nextverse_kjv(rng: random.Random) -> dict[str, list[dict]]:
     books = kjv_books()
 
@@ -163,6 +202,7 @@ def main() -> None:
     datasets = {
         "nextline_hamlet": build_nextline_hamlet(rng),
         "nextverse_kjv": build_nextverse_kjv(rng),
+        "completion_hamlet": build_completion_hamlet(rng),
         "rolling_hamlet": build_rolling_hamlet(),
         "rolling_kjv": build_rolling_kjv(),
     }

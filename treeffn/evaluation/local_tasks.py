@@ -22,9 +22,9 @@ from treeffn.config import ConfigError
 PACKAGED_TASKS_DIR = Path(__file__).parent / "tasks"
 
 GROUPS = {
-    "treeffn_offline": ["treeffn_nextline_hamlet", "treeffn_nextverse_kjv", "treeffn_rolling_hamlet",
-                        "treeffn_rolling_kjv"],
-    "treeffn_multiple_choice": ["treeffn_nextline_hamlet", "treeffn_nextverse_kjv"],
+    "treeffn_offline": ["treeffn_completion_hamlet", "treeffn_nextline_hamlet", "treeffn_nextverse_kjv",
+                        "treeffn_rolling_hamlet", "treeffn_rolling_kjv"],
+    "treeffn_multiple_choice": ["treeffn_completion_hamlet", "treeffn_nextline_hamlet", "treeffn_nextverse_kjv"],
     "treeffn_rolling": ["treeffn_rolling_hamlet", "treeffn_rolling_kjv"],
 }
 
