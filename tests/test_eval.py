@@ -77,7 +77,7 @@ def test_eval_reproduces_training_ppl_and_runs_local_tasks_at_0_and_2_shots(runs
 
     # tree models: hard routing on the inference path, and the output says so
     assert record["model"]["ffn"] == "tree" and "impl=gather" in record["model"]["routing"]
-    assert "evaluated with hard routing, the inference path: model.eval()" in printed
+    assert "evaluated on the inference path: hard routing, model.eval(), TreeFFN impl=gather" in printed
     assert "treeffn_nextline_hamlet" in printed and "relative difference" in printed
 
     # a second eval of the same weights adds to the record instead of replacing it
@@ -87,35 +87,26 @@ def test_eval_reproduces_training_ppl_and_runs_local_tasks_at_0_and_2_shots(runs
     assert set(merged["tasks"]["treeffn_nextline_hamlet"]) == {"0shot", "2shot"}
 
 
-def export_dense_as_hf_dir(run_dir, out_dir):
-    """A dense treeffn run as a stock Hugging Face OPT dir (a stand-in for issue 3's exporter)."""
-    from transformers import OPTForCausalLM
-
-    from treeffn.models.build import opt_config
+@pytest.mark.parametrize("kind", ["tree", "dense"])
+def test_a_model_saved_by_treeffn_evaluates_the_same_through_model_path(runs, tmp_path, kind):
+    from treeffn.models.hf import save_hf
     from treeffn.models.load import load_from_run
 
-    loaded = load_from_run(run_dir)
-    tok = loaded.tokenizer
-    stock = OPTForCausalLM(opt_config(loaded.config["model"], len(tok), tok.pad_token_id, tok.bos_token_id,
-                                      tok.eos_token_id))
-    state = {k.replace(".fc1.fc1.", ".fc1.").replace(".fc1.fc2.", ".fc2."): v
-             for k, v in loaded.model.state_dict().items()}
-    stock.load_state_dict(state, strict=True)
-    stock.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-
-
-def test_model_path_of_a_saved_dense_opt_evaluates_like_its_run(runs, tmp_path):
-    export_dense_as_hf_dir(runs / "dense", tmp_path / "hf")
-    from_run, _ = run_eval(f"run={runs / 'dense'}", "tasks=[]", "texts=[validation]")
-    from_dir, printed = run_eval(f"model.path={tmp_path / 'hf'}", "tasks=[]", "texts=[validation]",
-                                 "data.block_size=32", "batch_size=8", "validation_limit=4")
-    assert from_dir["model"]["source"] == "hf_dir" and from_dir["model"]["routing"] is None
+    loaded = load_from_run(runs / kind)
+    save_hf(loaded.model, loaded.tokenizer, tmp_path / "hf")
+    same = ["tasks=[treeffn_completion_hamlet]", "limit=4", "texts=[validation]", "max_length=32"]
+    from_run, _ = run_eval(f"run={runs / kind}", *same)
+    from_dir, printed = run_eval(f"model.path={tmp_path / 'hf'}", *same, "data.block_size=32", "batch_size=8",
+                                 "validation_limit=4")
+    assert from_dir["model"]["source"] == "hf_dir" and from_dir["model"]["ffn"] == kind
+    assert (from_dir["model"]["routing"] is not None) == (kind == "tree")
+    assert ("hard routing" in printed) == (kind == "tree")
     assert from_dir["perplexity"]["validation"]["blocks"] == from_run["perplexity"]["validation"]["blocks"]
     assert from_dir["perplexity"]["validation"]["ppl"] == pytest.approx(
         from_run["perplexity"]["validation"]["ppl"], rel=1e-5)
+    run_task = from_run["tasks"]["treeffn_completion_hamlet"]["0shot"]["metrics"]
+    assert from_dir["tasks"]["treeffn_completion_hamlet"]["0shot"]["metrics"] == pytest.approx(run_task)
     assert (tmp_path / "hf" / "eval.json").exists()
-    assert "hard routing" not in printed
 
 
 def test_unknown_task_lists_close_matches_and_offline_hub_task_fails_early(runs):

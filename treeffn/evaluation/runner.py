@@ -96,7 +96,7 @@ def prepare_model(s: EvalSettings, console):
                   + f" on {device}, {info['precision']}")
     console.print(f"model: {info['summary']}")
     if routing:
-        console.print(f"tree FFN evaluated with hard routing, the inference path: {routing}")
+        console.print(f"tree FFN evaluated on the inference path: {routing}")
     return loaded, info, autocast_dtype
 
 
@@ -237,7 +237,11 @@ def resolve_precision(setting: str, loaded, device):
 
 
 def prepare_tree_layers(model, device) -> str | None:
-    """Turn off node-visit counting (eval leaves routing statistics alone); describe the routing used."""
+    """Turn off node-visit counting (eval leaves routing statistics alone); describe the routing used.
+
+    Covers every tree-routed layer kind (treeffn.layers.TREE_LAYER_TYPES): the node family
+    (TreeFFN), pruned trees, and the FFF leaf family (LeafFFN, soft in training, hard in eval).
+    """
     from treeffn.models.swap import tree_layers
 
     layers = tree_layers(model)
@@ -246,14 +250,21 @@ def prepare_tree_layers(model, device) -> str | None:
     for layer in layers:
         layer.track_stats = False
     first = layers[0]
-    return (f"model.eval(), TreeFFN impl={effective_impl(first, device)}; each token visits {first.active_nodes} "
-            f"of {first.total_nodes} nodes per layer ({100 * first.active_fraction:.1f}%)")
+    impl = effective_impl(first, device)
+    active = getattr(first, "active_units", first.active_nodes)
+    total = getattr(first, "total_units", first.total_nodes)
+    routing = "SOFT routing (forced by the layer's settings)" if impl == "soft" else "hard routing"
+    return (f"{routing}, model.eval(), {type(first).__name__} impl={impl}; each token uses {active} of {total} "
+            f"FFN units per layer ({100 * active / total:.1f}%)")
 
 
 def effective_impl(layer, device) -> str:
-    """The implementation TreeFFN.forward picks for this layer on ``device`` (mirrors its ``auto`` rule)."""
-    if layer.impl != "auto":
-        return layer.impl
+    """The implementation a tree layer's forward picks on ``device`` (mirrors TreeFFN's ``auto`` rule;
+    other layer kinds say it themselves through ``.impl``)."""
+    from treeffn.layers import TreeFFN
+
+    if not isinstance(layer, TreeFFN) or layer.impl != "auto":
+        return str(layer.impl)
     if device.type == "cuda":
         try:
             from treeffn.kernels import triton_available
@@ -283,7 +294,7 @@ def describe_model(loaded, routing: str | None, device, autocast_dtype) -> dict:
         "fingerprint": weights_fingerprint(loaded.weights),
         "ffn": loaded.ffn,
         "params_total": params,
-        "routing": f"hard, inference path ({routing})" if routing else None,
+        "routing": f"inference path: {routing}" if routing else None,
         "device": str(device),
         "precision": "bf16 autocast" if autocast_dtype else "fp32",
         "summary": summary,

@@ -7,8 +7,8 @@ Three sources, one result (``LoadedModel``):
 * a checkpoint path: a Lightning ``.ckpt``, or a ``.safetensors`` / ``.pt`` state dict; the
   config comes from ``run=`` or, when not given, from the run dir the checkpoint sits in
   (``<run>/checkpoints/<file>``);
-* a Hugging Face model dir written by ``save_pretrained`` (a dense OPT today; tree models need
-  the ``from_pretrained`` registration of issue 3).
+* a Hugging Face model dir written by ``save_pretrained`` or ``treeffn.models.hf.save_hf``: any
+  stock causal LM, or a tree model (model_type treeffn_opt / treeffn_gpt2 / treeffn_llama).
 
 Nothing from a run dir is executed: ``config.yaml`` is parsed as YAML data, checkpoints are
 read with ``torch.load(weights_only=True)`` or safetensors, and Hugging Face dirs load with
@@ -146,8 +146,10 @@ def load_from_run(run_dir: str | Path | None = None, ckpt: str | Path | None = N
 
     tokenizer = load_tokenizer(cfg["data"]["tokenizer"])
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    # pretrained=False: a fine-tuning run (model.init_from) rebuilds its shapes without reading the
+    # dense checkpoint it started from; its own checkpoint holds every weight.
     model = build_model(cfg["model"], cfg["tree"], vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
-                        bos_id=bos, eos_id=tokenizer.eos_token_id)
+                        bos_id=bos, eos_id=tokenizer.eos_token_id, pretrained=False)
     state, step = read_state_dict(ckpt_path)
     load_weights(model, state, ckpt_path, run)
     model.eval()
@@ -186,13 +188,13 @@ def load_pretrained_dir(path: str | Path) -> LoadedModel:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"model.path={path}: config.json is not valid JSON ({e})") from None
 
-    import treeffn.models  # noqa: F401  (a tree model type registers itself here once issue 3 lands)
+    import treeffn.models.hf  # noqa: F401  registers the tree model types (treeffn_opt, ...) with the Auto classes
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
-        raise ModelLoadError(f"model.path={path} has model_type {model_type!r}, which transformers does not know; "
-                             f"treeffn loads standard Hugging Face causal LMs (tree-model export/import: issue 3)")
+        raise ModelLoadError(f"model.path={path} has model_type {model_type!r}, which neither transformers nor "
+                             f"treeffn knows; treeffn loads Hugging Face causal LMs and dirs written by save_hf")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False, dtype="float32")
     except Exception as e:  # transformers raises many kinds: the user needs one line
