@@ -1,5 +1,6 @@
 """treeffn eval on tiny real runs, offline: perplexity equals training's, real lm-eval tasks, records, errors."""
 
+import importlib.util
 import io
 import json
 import sys
@@ -12,6 +13,10 @@ from tests.conftest import TINY, run_cli
 from treeffn.config import ConfigError
 
 pytestmark = pytest.mark.slow
+
+# lm-eval is the optional extra '.[eval]'; tests that run its tasks need it (and CI installs it).
+HAVE_LM_EVAL = all(importlib.util.find_spec(m) is not None for m in ("lm_eval", "accelerate"))
+needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval not installed: pip install -e '.[eval]'")
 
 
 def train_cfg(cache_dir, *overrides):
@@ -48,6 +53,7 @@ def runs(tmp_path_factory, cache_dir):
     return root
 
 
+@needs_lm_eval
 def test_eval_reproduces_training_ppl_and_runs_local_tasks_at_0_and_2_shots(runs):
     run = runs / "tree"
     logged = json.loads((run / "result.json").read_text())
@@ -87,6 +93,7 @@ def test_eval_reproduces_training_ppl_and_runs_local_tasks_at_0_and_2_shots(runs
     assert set(merged["tasks"]["treeffn_nextline_hamlet"]) == {"0shot", "2shot"}
 
 
+@needs_lm_eval
 @pytest.mark.parametrize("kind", ["tree", "dense"])
 def test_a_model_saved_by_treeffn_evaluates_the_same_through_model_path(runs, tmp_path, kind):
     from treeffn.models.hf import save_hf
@@ -109,6 +116,7 @@ def test_a_model_saved_by_treeffn_evaluates_the_same_through_model_path(runs, tm
     assert (tmp_path / "hf" / "eval.json").exists()
 
 
+@needs_lm_eval
 def test_unknown_task_lists_close_matches_and_offline_hub_task_fails_early(runs):
     with pytest.raises(ConfigError) as e:
         run_eval(f"run={runs / 'tree'}", "tasks=[treeffn_nextline_hamlett]")
