@@ -45,7 +45,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative error (norm of difference / norm of reference) a path may have against float64.
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 # Path name -> tree_ffn_triton mode. "triton" is what tree.impl=triton runs (mode auto).
-TRITON_MODES = {"triton": "auto", "triton_gather": "gather", "triton_dense": "dense"}
+# triton_gather_sparse: the path-only kernels with the CSR weight-gradient kernel (fwd+bwd only).
+TRITON_MODES = {"triton": ("auto", "auto"), "triton_gather": ("gather", "auto"), "triton_dense": ("dense", "auto"),
+                "triton_gather_sparse": ("gather", "sparse")}
 # The gather path's backward is very slow at large batches; it is an inference path.
 GATHER_FWDBWD_MAX_TOKENS = 2048
 
@@ -159,9 +161,9 @@ def tree_fn(path: str, layer):
     if path in TRITON_MODES:
         from treeffn.kernels.triton_tree import tree_ffn_triton
 
-        mode = TRITON_MODES[path]
+        mode, wgrad = TRITON_MODES[path]
         return lambda x: tree_ffn_triton(x, layer.w_in, layer.b_in, layer.w_out, layer.trees, layer.depth,
-                                         layer.placement, layer.activation, mode=mode)
+                                         layer.placement, layer.activation, wgrad=wgrad, mode=mode)
     raise ValueError(f"unknown path {path!r}; choose from dense, masked, gather, {', '.join(TRITON_MODES)}")
 
 
@@ -303,9 +305,11 @@ def run_bench(args, out_dir: Path | None = None) -> dict:
                     p.requires_grad_(mode != "fwd")
                 results = {}
                 for path in args.paths:
-                    if path == "gather" and mode == "fwdbwd" and T > GATHER_FWDBWD_MAX_TOKENS:
-                        results[path] = {"skipped": f"gather fwd+bwd above {GATHER_FWDBWD_MAX_TOKENS} tokens"}
+                    if path in ("gather", "triton_gather_sparse") and mode == "fwdbwd" and T > GATHER_FWDBWD_MAX_TOKENS:
+                        results[path] = {"skipped": f"{path} fwd+bwd above {GATHER_FWDBWD_MAX_TOKENS} tokens"}
                         continue
+                    if path == "triton_gather_sparse" and mode == "fwd":
+                        continue  # its forward is triton_gather's
                     try:
                         if path == "dense":
                             check = check_dense(dense, T, mode, dtype, device)

@@ -50,8 +50,9 @@ MODES = ("auto", "gather", "dense")
 GATHER_MAX_TOKENS = 16
 # The dense mode's routing tile holds one tree's N nodes per token: up to depth 11.
 DENSE_MAX_DEPTH = 11
-# wgrad="auto" (gather mode): sparse CSR kernel up to this many tokens, dense GEMMs above.
-SPARSE_WGRAD_MAX_TOKENS = 256
+# wgrad="auto" (gather mode): sparse CSR kernel up to this many tokens, two GEMMs above. 0: the
+# GEMMs were faster at every batch measured on an H200 (docs/kernels.md); "sparse" stays on offer.
+SPARSE_WGRAD_MAX_TOKENS = 0
 
 # Tile choices can be overridden per kernel (the bench's --tune sweep uses this).
 CONFIG_OVERRIDES: dict[str, dict] = {}
@@ -234,31 +235,34 @@ def _wgrad_kernel(
     COEF_ACT: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
     BE: tl.constexpr, BD: tl.constexpr,
 ):
+    # One program per node row, looping over d inside: a grid of (rows x d tiles) spent most
+    # of its time starting programs and waiting on the row's entry list.
     row = tl.program_id(0)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    cmask = cols < D_MODEL
     start = tl.load(ptr_ptr + row)
     end = tl.load(ptr_ptr + row + 1)
-    acc_in = tl.zeros([BD], dtype=ACC)
-    acc_out = tl.zeros([BD], dtype=ACC)
-    for e0 in range(start, end, BE):  # the entries (token, tree, level) routed through `row`
-        e = e0 + tl.arange(0, BE)
-        em = e < end
-        ent = tl.load(perm_ptr + e, mask=em, other=0)
-        tok = ent // KL
-        a = tl.load(z_ptr + ent, mask=em, other=0.0).to(ACC)
-        if COEF_ACT:
-            a = _act(a, ACT)
-        a = tl.where(em, a, 0.0)
-        g = tl.load(gz_ptr + ent, mask=em, other=0.0).to(ACC)
-        m2 = em[:, None] & cmask[None, :]
-        gyv = tl.load(gy_ptr + tok[:, None] * stride_gy + cols[None, :], mask=m2, other=0.0).to(ACC)
-        xv = tl.load(x_ptr + tok[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(ACC)
-        acc_out += tl.sum(a[:, None] * gyv, axis=0)
-        acc_in += tl.sum(g[:, None] * xv, axis=0)
-    off = row.to(tl.int64) * stride_dw + cols
-    tl.store(dwout_ptr + off, acc_out.to(dwout_ptr.dtype.element_ty), mask=cmask)
-    tl.store(dwin_ptr + off, acc_in.to(dwin_ptr.dtype.element_ty), mask=cmask)
+    for d0 in range(0, D_MODEL, BD):
+        cols = d0 + tl.arange(0, BD)
+        cmask = cols < D_MODEL
+        acc_in = tl.zeros([BD], dtype=ACC)
+        acc_out = tl.zeros([BD], dtype=ACC)
+        for e0 in range(start, end, BE):  # the entries (token, tree, level) routed through `row`
+            e = e0 + tl.arange(0, BE)
+            em = e < end
+            ent = tl.load(perm_ptr + e, mask=em, other=0)
+            tok = ent // KL
+            a = tl.load(z_ptr + ent, mask=em, other=0.0).to(ACC)
+            if COEF_ACT:
+                a = _act(a, ACT)
+            a = tl.where(em, a, 0.0)
+            g = tl.load(gz_ptr + ent, mask=em, other=0.0).to(ACC)
+            m2 = em[:, None] & cmask[None, :]
+            gyv = tl.load(gy_ptr + tok[:, None] * stride_gy + cols[None, :], mask=m2, other=0.0).to(ACC)
+            xv = tl.load(x_ptr + tok[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(ACC)
+            acc_out += tl.sum(a[:, None] * gyv, axis=0)
+            acc_in += tl.sum(g[:, None] * xv, axis=0)
+        off = row.to(tl.int64) * stride_dw + cols
+        tl.store(dwout_ptr + off, acc_out.to(dwout_ptr.dtype.element_ty), mask=cmask)
+        tl.store(dwin_ptr + off, acc_in.to(dwin_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -268,7 +272,11 @@ def _route_dense_kernel(
     COEF_ACT: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
 ):
     """Dense mode: route on the precomputed z of all nodes (T, K*N) and overwrite each tree's
-    block of it, in place, with the coefficient matrix: act(z) or z on the path, 0 elsewhere."""
+    block of it, in place, with the coefficient matrix: act(z) or z on the path, 0 elsewhere.
+
+    The block is loaded once and the levels are walked in registers: no chain of dependent
+    memory reads, and no thread can overwrite an element another thread has yet to read.
+    """
     pid_t = tl.program_id(0)
     tree = tl.program_id(1)
     n_trees = tl.num_programs(1)
@@ -276,18 +284,21 @@ def _route_dense_kernel(
     tmask = tok < T
     cols = tl.arange(0, NP)
     row = zall_ptr + tok.to(tl.int64) * stride_zall + tree * N_NODES
+    bmask = tmask[:, None] & (cols < N_NODES)[None, :]
+    zb = tl.load(row[:, None] + cols[None, :], mask=bmask, other=0.0).to(ACC)
     out_base = tok.to(tl.int64) * (n_trees * LEVELS) + tree * LEVELS
     node = tl.zeros([BT], dtype=tl.int32)
     coef = tl.zeros([BT, NP], dtype=ACC)
-    for level in range(LEVELS):  # every read of the block happens before the store below
-        zc = tl.load(row + node, mask=tmask, other=0.0).to(ACC)
+    for level in range(LEVELS):
+        sel = cols[None, :] == node[:, None]
+        zc = tl.sum(tl.where(sel, zb, 0.0), axis=1)
         tl.store(z_ptr + out_base + level, zc, mask=tmask)
         tl.store(node_ptr + out_base + level, node.to(tl.int64), mask=tmask)
         c = _act(zc, ACT) if COEF_ACT else zc
-        coef = tl.where(cols[None, :] == node[:, None], c[:, None], coef)
+        coef = tl.where(sel, c[:, None], coef)
         node = 2 * node + 1 + (zc > 0).to(tl.int32)
-    tl.store(row[:, None] + cols[None, :], coef.to(zall_ptr.dtype.element_ty),
-             mask=tmask[:, None] & (cols < N_NODES)[None, :])
+    tl.debug_barrier()  # every thread has read the block before any thread overwrites it
+    tl.store(row[:, None] + cols[None, :], coef.to(zall_ptr.dtype.element_ty), mask=bmask)
 
 
 @triton.jit
@@ -305,17 +316,20 @@ def _grad_dense_kernel(
     tmask = tok < T
     cols = tl.arange(0, NP)
     row = da_ptr + tok.to(tl.int64) * stride_da + tree * N_NODES
+    bmask = tmask[:, None] & (cols < N_NODES)[None, :]
+    gb = tl.load(row[:, None] + cols[None, :], mask=bmask, other=0.0).to(ACC)
     out_base = tok.to(tl.int64) * (n_trees * LEVELS) + tree * LEVELS
     g = tl.zeros([BT, NP], dtype=ACC)
     for level in range(LEVELS):
         node = tl.load(node_ptr + out_base + level, mask=tmask, other=0)
-        gzc = tl.load(row + node, mask=tmask, other=0.0).to(ACC)
+        sel = cols[None, :] == node[:, None]
+        gzc = tl.sum(tl.where(sel, gb, 0.0), axis=1)
         if ACT_GRAD:
             gzc = gzc * _act_grad(tl.load(z_ptr + out_base + level, mask=tmask, other=0.0).to(ACC), ACT)
         tl.store(gz_ptr + out_base + level, gzc, mask=tmask)
-        g = tl.where(cols[None, :] == node[:, None], gzc[:, None], g)
-    tl.store(row[:, None] + cols[None, :], g.to(da_ptr.dtype.element_ty),
-             mask=tmask[:, None] & (cols < N_NODES)[None, :])
+        g = tl.where(sel, gzc[:, None], g)
+    tl.debug_barrier()  # as in _route_dense_kernel: all reads of the block before the overwrite
+    tl.store(row[:, None] + cols[None, :], g.to(da_ptr.dtype.element_ty), mask=bmask)
 
 
 # --------------------------------------------------------------------------- tile choices
@@ -367,7 +381,7 @@ def dense_config(n_nodes: int) -> dict:
 
 
 def wgrad_config(d: int) -> dict:
-    return {**dict(BE=32, BD=min(_p2(d), 128)), **CONFIG_OVERRIDES.get("wgrad", {})}
+    return {**dict(BE=16, BD=min(_p2(d), 256)), **CONFIG_OVERRIDES.get("wgrad", {})}
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -460,7 +474,7 @@ def weight_grads_sparse(x, gy, z, gz, node, depth: int, coef_act: bool, act_id: 
     acc_tl, _ = _acc_dtype(x.dtype)
     cfg = wgrad_config(d)
     be, bd = cfg["BE"], cfg["BD"]
-    _wgrad_kernel[(total_rows, triton.cdiv(d, bd))](
+    _wgrad_kernel[(total_rows,)](
         ptr, perm, z, gz, gy, x, dw_in, dw_out, d, trees * levels, gy.stride(0), x.stride(0), dw_in.stride(0),
         COEF_ACT=coef_act, ACT=act_id, ACC=acc_tl, BE=be, BD=bd,
         num_warps=cfg.get("num_warps", _warps(2 * be * bd)),
@@ -565,6 +579,9 @@ class TreeFFNFunction(torch.autograd.Function):
                 dw_in = g.t() @ x
             if ctx.needs_input_grad[3]:
                 dw_out = coef.t() @ gy
+            if b_in is not None and ctx.needs_input_grad[2]:
+                # Column sums of G: index_add would pile thousands of atomics onto each root row.
+                gb = g.sum(0, dtype=gz.dtype).to(b_in.dtype)
         else:
             gz = grad_coef(gy, z, node, w_out, depth, act_grad=node_act, act_id=act_id)
             if ctx.needs_input_grad[0]:
@@ -578,7 +595,7 @@ class TreeFFNFunction(torch.autograd.Function):
                 else:
                     a = get_activation(_ACT_NAMES[act_id])(z) if node_act else z
                     dw_in, dw_out = weight_grads_dense(x, gy, a, gz, node, depth, total_rows)
-        if b_in is not None and ctx.needs_input_grad[2]:
+        if b_in is not None and ctx.needs_input_grad[2] and gb is None:
             gb = torch.zeros(total_rows, device=x.device, dtype=gz.dtype)
             gb.index_add_(0, global_rows(node, depth).flatten(), gz.flatten())
             gb = gb.to(b_in.dtype)
