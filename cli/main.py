@@ -12,6 +12,7 @@ VERBS = {
     "train": ("treeffn.cli.train", "main", "train a dense or tree-FFN language model"),
     "eval": ("treeffn.cli.eval", "main", "perplexity and lm-evaluation-harness tasks for a trained model"),
     "bench": ("treeffn.cli.bench", "main", "layer speed: tree kernels vs dense MLP (checked, then timed)"),
+    "analyze": ("treeffn.cli.analyze", "main", "auto-pruning: routing statistics and plots over a run's checkpoints"),
 }
 
 USAGE = """usage: treeffn <verb> [hydra overrides ...]

@@ -120,6 +120,8 @@ def validate_model_and_tree(model: dict, tree: dict) -> None:
     _allowed("tree.placement", tree.get("placement"), PLACEMENTS)
     _allowed("tree.activation", tree.get("activation"), ACTIVATIONS)
     _allowed("tree.impl", tree.get("impl"), IMPLS)
+    if "stats_every_n_steps" in tree:
+        _int_at_least("tree.stats_every_n_steps", tree["stats_every_n_steps"], 1)
     validate_leaf_family(model, tree)
     validate_finetune(model, tree)
     # fp32 weights of every tree layer, twice over for the optimizer's two moments: refuse a

@@ -2,6 +2,7 @@
 
 Everything derives from ``node_visits`` (trees * N counts, tree-major, heap order): leaf usage
 is the last level's counts, and a node's right-going fraction is visits(2n+2) / visits(n).
+Per-level mean routing logits come from the path pre-activations (``TreeFFN.walk``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import torch
 
 from treeffn.layers.routing import nodes_per_tree
 
+# Verdict thresholds on the mean normalized leaf entropy of a layer's trees.
+BALANCED_AT_LEAST = 0.75
+COLLAPSED_BELOW = 0.35
+
 
 def leaf_counts(visits: torch.Tensor, trees: int, depth: int) -> torch.Tensor:
     """(trees, 2^depth) visit counts of the leaves, left to right."""
-    n = nodes_per_tree(depth)
     first_leaf = 2**depth - 1
-    return visits.view(trees, n)[:, first_leaf:]
+    return visits.view(trees, nodes_per_tree(depth))[:, first_leaf:]
 
 
 def normalized_leaf_entropy(visits: torch.Tensor, trees: int, depth: int) -> torch.Tensor:
@@ -36,16 +40,64 @@ def normalized_leaf_entropy(visits: torch.Tensor, trees: int, depth: int) -> tor
     return ent / math.log(2**depth)
 
 
+def right_fraction(visits: torch.Tensor, trees: int, depth: int) -> torch.Tensor:
+    """(trees, 2^depth - 1): share of each internal node's tokens that went right (NaN if none came)."""
+    n_internal = 2**depth - 1
+    v = visits.view(trees, nodes_per_tree(depth)).double()
+    idx = torch.arange(n_internal)
+    parent = v[:, idx]
+    right = v[:, 2 * idx + 2]
+    return torch.where(parent > 0, right / parent.clamp_min(1), torch.full_like(parent, float("nan")))
+
+
 def dead_fraction(visits: torch.Tensor) -> float:
-    """Share of nodes that no token visited."""
+    """Share of nodes that no token visited (with hard routing, also the share of the layer's
+    parameters that got no gradient from those tokens: static sparsity)."""
     return float((visits == 0).double().mean())
+
+
+def verdict(leaf_entropy: float) -> str:
+    if math.isnan(leaf_entropy):
+        return "unvisited"
+    if leaf_entropy >= BALANCED_AT_LEAST:
+        return "balanced"
+    if leaf_entropy < COLLAPSED_BELOW:
+        return "collapsed"
+    return "collapsing"
 
 
 def layer_summary(visits: torch.Tensor, trees: int, depth: int) -> dict:
     ent = normalized_leaf_entropy(visits, trees, depth)
     leaves = leaf_counts(visits, trees, depth)
+    right = right_fraction(visits, trees, depth)
     return {
         "dead_frac": dead_fraction(visits),
         "leaf_entropy": float(ent.nanmean()) if not torch.isnan(ent).all() else float("nan"),
         "leaves_used": float((leaves > 0).double().sum(dim=1).mean()),
+        "right_frac": float(right.nanmean()) if right.numel() and not torch.isnan(right).all() else float("nan"),
     }
+
+
+class LevelLogits:
+    """Accumulates the mean routing logit per level of one tree layer over forward passes
+    (a forward hook; attach for a validation pass, then detach)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.sums = torch.zeros(layer.depth + 1, dtype=torch.float64)
+        self.count = 0
+        self.handle = layer.register_forward_hook(self._hook)
+
+    @torch.no_grad()
+    def _hook(self, module, inputs, output):
+        x = inputs[0].reshape(-1, module.d_model)
+        for piece in x.split(4096):
+            _, z = module.walk(piece.to(module.w_in.dtype))
+            self.sums += z.double().sum(dim=(0, 1)).cpu()
+            self.count += z.shape[0] * z.shape[1]
+
+    def means(self) -> list[float]:
+        return (self.sums / max(1, self.count)).tolist()
+
+    def remove(self) -> None:
+        self.handle.remove()

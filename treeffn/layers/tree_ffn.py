@@ -141,10 +141,13 @@ class TreeFFN(nn.Module):
         parts = [self._gather_chunk(piece) for piece in x.split(chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _gather_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = x.shape[0]
+    def walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Root-to-leaf walk of (T, d) tokens: (global rows, pre-activations z), each (T, K, D+1).
+
+        Differentiable in z; the rows (the routing) are constants.
+        """
         offsets = torch.arange(self.trees, device=x.device) * self.nodes
-        local = torch.zeros(tokens, self.trees, dtype=torch.long, device=x.device)
+        local = torch.zeros(x.shape[0], self.trees, dtype=torch.long, device=x.device)
         rows, logits = [], []
         for _ in range(self.depth + 1):
             row = local + offsets  # (T, K) global rows
@@ -154,16 +157,20 @@ class TreeFFN(nn.Module):
             rows.append(row)
             logits.append(z)
             local = 2 * local + 1 + (z > 0).long()
-        rows_t = torch.stack(rows, dim=2)  # (T, K, D+1)
-        z_t = torch.stack(logits, dim=2)
-        weights = self.act(z_t) if self.placement == "node" else z_t
+        return torch.stack(rows, dim=2), torch.stack(logits, dim=2)
+
+    def _gather_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = x.shape[0]
+        rows, z = self.walk(x)
+        weights = self.act(z) if self.placement == "node" else z
         # y[t] = sum_{k,l} weights[t,k,l] * w_out[rows[t,k,l]] without building (T, K, L, d).
         y = F.embedding_bag(
-            rows_t.view(tokens, -1), self.w_out, per_sample_weights=weights.reshape(tokens, -1), mode="sum"
+            rows.view(tokens, -1), self.w_out, per_sample_weights=weights.reshape(tokens, -1), mode="sum"
         )
         if self.placement == "post_sum":
             y = self.act(y)
-        return y, rows_t - offsets.view(1, -1, 1)
+        offsets = torch.arange(self.trees, device=x.device).view(1, -1, 1) * self.nodes
+        return y, rows - offsets
 
     @torch.no_grad()
     def _count_visits(self, path: torch.Tensor) -> None:

@@ -21,9 +21,12 @@ def append_record(index_path: Path, record: dict) -> None:
     index_path = Path(index_path)
     index_path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps({"time": time.time(), **record}, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a writer died mid-line: start on a fresh line, keep our record whole
         view = memoryview(line)
         while view:  # a regular file takes it in one write; loop only for the pathological case
             view = view[os.write(fd, view):]

@@ -6,7 +6,9 @@ import time
 
 import lightning as L
 
-from treeffn.analysis.routing import layer_summary
+import torch
+
+from treeffn.analysis.routing import LevelLogits, layer_summary, leaf_counts
 from treeffn.models.swap import tree_layers
 
 
@@ -42,31 +44,85 @@ class Throughput(L.Callback):
             self._window_start += spent
 
 
-class RoutingSummary(L.Callback):
-    """Counts node visits over each validation pass and logs, per tree layer, the fraction of
-    dead nodes and the normalized leaf entropy (plus their mean over layers)."""
+class RoutingStats(L.Callback):
+    """Routing statistics of every tree layer, logged as ``tree/layer<i>/...``.
 
-    def __init__(self):
+    Training window (every ``every_n_steps`` steps): ``static_sparsity`` (share of nodes, and so
+    of FFN parameters, that no training token reached in the window: they got no gradient) and
+    ``train_leaf_entropy``. Validation: ``dead_frac``, ``leaf_entropy``, ``leaves_used``,
+    ``right_frac`` and ``logit_level<j>`` (mean routing logit per level), their mean over
+    layers under ``tree/mean/...``, and W&B histograms of leaf usage. Counts are summed over
+    ranks before anything is computed.
+    """
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
         self.last: dict = {}
+        self._stash: list | None = None
+        self._logits: list = []
+
+    @staticmethod
+    def _reduced(trainer, pl_module, visits):
+        return pl_module.all_gather(visits).sum(0) if trainer.world_size > 1 else visits
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every_n_steps:
+            return
+        for i, layer in enumerate(tree_layers(pl_module)):
+            visits = self._reduced(trainer, pl_module, layer.node_visits).cpu()
+            s = layer_summary(visits, layer.trees, layer.depth)
+            pl_module.log(f"tree/layer{i}/static_sparsity", s["dead_frac"])
+            pl_module.log(f"tree/layer{i}/train_leaf_entropy", s["leaf_entropy"])
+            layer.node_visits.zero_()
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        for layer in tree_layers(pl_module):
+        layers = tree_layers(pl_module)
+        # Keep the training window's counts aside; validation counts start from zero.
+        self._stash = [layer.node_visits.clone() for layer in layers]
+        for layer in layers:
             layer.node_visits.zero_()
+        self._logits = [LevelLogits(layer) for layer in layers] if not trainer.sanity_checking else []
 
     def on_validation_epoch_end(self, trainer, pl_module):
         layers = tree_layers(pl_module)
+        logits, self._logits = self._logits, []
+        for hook in logits:
+            hook.remove()
         if not layers or trainer.sanity_checking:
+            self._restore(layers)
             return
         per_layer = []
         for i, layer in enumerate(layers):
-            visits = layer.node_visits
-            if trainer.world_size > 1:
-                visits = pl_module.all_gather(visits).sum(0)
-            s = layer_summary(visits.cpu(), layer.trees, layer.depth)
-            per_layer.append(s)
+            visits = self._reduced(trainer, pl_module, layer.node_visits).cpu()
+            s = layer_summary(visits, layer.trees, layer.depth)
+            level_means = logits[i].means() if logits else []
             for key, value in s.items():
-                pl_module.log(f"routing/layer{i}/{key}", value)
-        means = {k: sum(s[k] for s in per_layer) / len(per_layer) for k in per_layer[0]}
+                pl_module.log(f"tree/layer{i}/{key}", value)
+            for j, value in enumerate(level_means):
+                pl_module.log(f"tree/layer{i}/logit_level{j}", value)
+            per_layer.append({**s, "logit_per_level": level_means})
+            self._histogram(trainer, f"tree/layer{i}/leaf_usage", leaf_counts(visits, layer.trees, layer.depth))
+        means = {k: sum(s[k] for s in per_layer) / len(per_layer) for k in ("dead_frac", "leaf_entropy",
+                                                                             "leaves_used", "right_frac")}
         for key, value in means.items():
-            pl_module.log(f"routing/mean/{key}", value)
+            pl_module.log(f"tree/mean/{key}", value)
         self.last = {"mean": means, "layers": per_layer}
+        self._restore(layers)
+
+    def _restore(self, layers):
+        if self._stash is not None:
+            for layer, saved in zip(layers, self._stash):
+                layer.node_visits.copy_(saved)
+            self._stash = None
+
+    @staticmethod
+    def _histogram(trainer, key, counts):
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+                import wandb
+
+                # One histogram bin per leaf (tree-major): how often each path was taken.
+                flat = counts.flatten().double()
+                edges = torch.arange(flat.numel() + 1).double()
+                lg.experiment.log({key: wandb.Histogram(np_histogram=(flat.numpy(), edges.numpy())),
+                                   "trainer/global_step": trainer.global_step})

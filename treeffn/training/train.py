@@ -161,11 +161,22 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
         raise
     append_record(index, {k: result.get(k) for k in ("run_dir", "status", "val_loss", "val_ppl", "steps",
                                                      "tokens_seen", "ffn", "model", "seed")})
+    if cfg.get("eval_after_train") and result["status"] == "finished":
+        # Outside the try above: an evaluation problem never turns a finished run into a failed one.
+        from treeffn.evaluation.runner import eval_config_for_run, evaluate
+        from treeffn.results.record import read_result
+
+        evaluate(eval_config_for_run(run_dir, cfg))  # writes eval.json and result.json["eval"]
+        result = read_result(run_dir)
     return result
 
 
 def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     validate_train_config(cfg)
+    if cfg.get("eval_after_train"):
+        from treeffn.evaluation.runner import check_eval_after_train
+
+        check_eval_after_train(run_dir, cfg)  # bad task names / no lm-eval: fail now, not after training
     run_dir = Path(run_dir)
     check_written_by_older_treeffn(run_dir)
     ckpt = find_resume_checkpoint(cfg, run_dir)
@@ -178,7 +189,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
 
     from treeffn.data.datamodule import TextDataModule
     from treeffn.models.build import accounting, build_model
-    from treeffn.training.callbacks import RoutingSummary, Throughput
+    from treeffn.training.callbacks import RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
     from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
 
@@ -200,14 +211,16 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
 
     t = cfg["trainer"]
     module = CausalLMModule(model, cfg["optim"], max_steps=t["max_steps"])
-    routing = RoutingSummary()
+    tree_cfg = cfg["tree"]
+    with_stats = tree_cfg["ffn"] == "tree" and tree_cfg.get("track_stats", True) and tree_cfg.get("family", "node") == "node"
+    routing = RoutingStats(every_n_steps=tree_cfg.get("stats_every_n_steps", 50))
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg["checkpoint"]["every_n_steps"], save_last=True,
                         save_top_k=-1 if cfg["checkpoint"]["keep_all"] else 1, monitor=None,
                         enable_version_counter=False),
         throughput := Throughput(tokens_per_step=0),
-        routing,
+        *([routing] if with_stats else []),
         RNGState(),
         guard := NonFiniteGuard(cfg["guard"]["max_non_finite_steps"]),
         preemption := Preemption(run_dir / "checkpoints" / "last.ckpt"),
