@@ -270,20 +270,23 @@ def mean_router_entropy(model: nn.Module) -> float | None:
 
 
 @contextlib.contextmanager
-def routing_mode(model: nn.Module, mode: str):
-    """Force every leaf layer of ``model`` to "soft" or "hard" routing inside the block.
+def routing_mode(model: nn.Module, mode: str, track_stats: bool | None = None):
+    """Force every leaf layer of ``model`` to "soft" or "hard" routing inside the block
+    (``track_stats``: also override visit counting, e.g. False for an extra measuring pass).
 
-    The soft-vs-hard gap of a validation batch: loss under routing_mode(model, "soft") minus the
-    (default, hard) eval loss.
+    The soft-vs-hard gap of a validation batch: its loss under routing_mode(model, "soft") minus
+    the (default, hard) eval loss.
     """
     if mode not in ROUTING_MODES:
         raise ValueError(f"unknown routing mode {mode!r}; allowed: {', '.join(ROUTING_MODES)}")
     layers = leaf_layers(model)
-    saved = [m.routing for m in layers]
+    saved = [(m.routing, m.track_stats) for m in layers]
     for m in layers:
         m.routing = mode
+        if track_stats is not None:
+            m.track_stats = track_stats
     try:
         yield model
     finally:
-        for m, s in zip(layers, saved):
-            m.routing = s
+        for m, (routing, stats) in zip(layers, saved):
+            m.routing, m.track_stats = routing, stats
