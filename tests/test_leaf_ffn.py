@@ -154,3 +154,14 @@ def test_gated_tree_masked_and_gather_paths_match_the_reference(placement):
 def test_gated_tree_refuses_the_triton_kernel():
     with pytest.raises(ValueError, match="no Triton kernel"):
         GatedTreeFFN(D_MODEL, 2, 1, impl="triton")
+
+
+def test_walk_reports_the_hard_path_in_the_node_family_format():
+    layer = make_leaf(depth=2, trees=2).eval()
+    x = torch.randn(6, D_MODEL, dtype=torch.float64)
+    rows, z = layer.walk(x)
+    assert rows.shape == z.shape == (6, 2, 3)
+    leaf = layer.hard_leaves(x)
+    assert torch.equal(rows[:, :, -1] - torch.tensor([0, 7]), leaf + layer.routers)
+    assert torch.isnan(z[:, :, -1]).all() and torch.isfinite(z[:, :, :-1]).all()
+    assert torch.equal((z[:, :, 0] > 0).long() + 1, rows[:, :, 1] - torch.tensor([0, 7]))

@@ -197,6 +197,25 @@ class LeafFFN(nn.Module):
             node = 2 * node + 1 + (z > 0).long()
         return node - self.routers
 
+    @torch.no_grad()
+    def walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard root-to-leaf walk of (T, d) tokens, in the node family's ``walk`` format:
+        (global heap rows, routing logits), each (T, K, D+1). Leaves route nothing: their
+        level's logit is NaN."""
+        offsets = torch.arange(self.trees, device=x.device) * self.routers
+        node = torch.zeros(x.shape[0], self.trees, dtype=torch.long, device=x.device)
+        rows, logits = [], []
+        for _ in range(self.depth):
+            row = node + offsets
+            z = torch.bmm(self.router_w[row], x.unsqueeze(2)).squeeze(2) + self.router_b[row]
+            rows.append(node)
+            logits.append(z)
+            node = 2 * node + 1 + (z > 0).long()
+        rows.append(node)
+        logits.append(torch.full(node.shape, float("nan"), dtype=x.dtype, device=x.device))
+        heap_offsets = torch.arange(self.trees, device=x.device).view(1, -1, 1) * self.nodes
+        return torch.stack(rows, dim=2) + heap_offsets, torch.stack(logits, dim=2)
+
     def forward_hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference path: one leaf MLP per tree and token."""
         leaf = self.hard_leaves(x)

@@ -104,6 +104,23 @@ class PrunedTreeFFN(nn.Module):
                 self.node_visits += torch.bincount(heap, minlength=self.node_visits.numel())
         return y.view(shape)
 
+    @torch.no_grad()
+    def walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global heap rows, routing logits), each (T, K, D+1), as TreeFFN.walk; where a token's
+        walk stopped in a removed subtree the row is -1 and the logit NaN."""
+        cur = self.roots.view(1, -1).expand(x.shape[0], -1)
+        rows, logits = [], []
+        for _ in range(self.depth + 1):
+            alive = cur >= 0
+            row = cur.clamp_min(0)
+            z = torch.bmm(self.w_in[row], x.unsqueeze(2)).squeeze(2)
+            if self.b_in is not None:
+                z = z + self.b_in[row]
+            rows.append(torch.where(alive, self.heap_index[row], -1))
+            logits.append(torch.where(alive, z, float("nan")))
+            cur = torch.where(alive, self.children_index[row, (z > 0).long()], -1)
+        return torch.stack(rows, dim=2), torch.stack(logits, dim=2)
+
     def _walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same operations, in the same order, as TreeFFN's gather path (so results match bit for bit)."""
         tokens = x.shape[0]
