@@ -376,8 +376,12 @@ def gcoef_config(tokens: int, levels: int, d: int) -> dict:
 
 
 def dense_config(n_nodes: int) -> dict:
+    # ~4 block elements per thread: 32 tokens x 128 nodes on 4 warps needed 254 registers and
+    # spilled (cuobjdump -res-usage), which made the kernel the slowest part of the GEMM form.
     np_ = _p2(n_nodes)
-    return {**dict(BT=max(1, min(32, 4096 // np_)), NP=np_), **CONFIG_OVERRIDES.get("dense", {})}
+    bt = max(1, 1024 // np_)
+    cfg = dict(BT=bt, NP=np_, num_warps=max(1, min(8, bt * np_ // 128)))
+    return {**cfg, **CONFIG_OVERRIDES.get("dense", {})}
 
 
 def wgrad_config(d: int) -> dict:
