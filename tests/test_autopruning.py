@@ -64,7 +64,7 @@ def test_analyze_a_tree_run_and_refuse_a_dense_one(tmp_path, cache_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "layer 0:" in out.stdout and "verdicts: balanced if normalized leaf entropy >= 0.75" in out.stdout
     analysis = json.loads((tree_run / "analysis" / "analysis.json").read_text())
-    assert [c["step"] for c in analysis["checkpoints"]] == [5, 10, 15, 20]
+    assert [c["step"] for c in analysis["checkpoints"]] == [0, 5, 10, 15, 20]  # step 0: the initial weights
     assert analysis["tokens"] == 8 * 32
     for name in ("entropy_dead_nodes.png", "path_usage_layer0.png", "routing_logit_drift.png"):
         assert (tree_run / "analysis" / name).stat().st_size > 1000

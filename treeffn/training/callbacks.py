@@ -126,3 +126,15 @@ class RoutingStats(L.Callback):
                 edges = torch.arange(flat.numel() + 1).double()
                 lg.experiment.log({key: wandb.Histogram(np_histogram=(flat.numpy(), edges.numpy())),
                                    "trainer/global_step": trainer.global_step})
+
+
+class InitialCheckpoint(L.Callback):
+    """Saves the untrained weights as ``step0000000.ckpt`` at the start of a fresh run, so that
+    analyses over checkpoints (``treeffn analyze``) see the routing at initialisation too."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_step == 0 and not self.path.exists():
+            trainer.save_checkpoint(str(self.path))

@@ -189,7 +189,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
 
     from treeffn.data.datamodule import TextDataModule
     from treeffn.models.build import accounting, build_model
-    from treeffn.training.callbacks import RoutingStats, Throughput
+    from treeffn.training.callbacks import InitialCheckpoint, RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
     from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
 
@@ -221,6 +221,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
                         enable_version_counter=False),
         throughput := Throughput(tokens_per_step=0),
         *([routing] if with_stats else []),
+        *([InitialCheckpoint(run_dir / "checkpoints" / "step0000000.ckpt")] if cfg["checkpoint"]["keep_all"] else []),
         RNGState(),
         guard := NonFiniteGuard(cfg["guard"]["max_non_finite_steps"]),
         preemption := Preemption(run_dir / "checkpoints" / "last.ckpt"),
