@@ -273,3 +273,23 @@ def test_autocast_bf16_on_gpu():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.w_in.grad is not None and layer.w_in.grad.dtype == torch.float32
+
+
+def test_auto_impl_by_device_and_batch(monkeypatch):
+    import treeffn.kernels as kernels
+
+    x = torch.zeros(5, 4)
+    assert kernels.auto_impl(x, training=True) == "masked"
+    assert kernels.auto_impl(x, training=False) == "gather"
+
+    class FakeCuda:  # only .is_cuda and .shape are read
+        is_cuda = True
+
+        def __init__(self, tokens):
+            self.shape = (tokens, 4)
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    assert kernels.auto_impl(FakeCuda(kernels.AUTO_TRITON_MAX_TOKENS), training=True) == "triton"
+    assert kernels.auto_impl(FakeCuda(kernels.AUTO_TRITON_MAX_TOKENS + 1), training=False) == "masked"
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert kernels.auto_impl(FakeCuda(1), training=False) == "masked"

@@ -22,6 +22,21 @@ def triton_available() -> bool:
     return True
 
 
+# tree.impl=auto on CUDA: the Triton kernels up to this many tokens per call, the masked
+# PyTorch path above. Measured on an H200 (docs/kernels.md): the Triton forms beat dense-masked
+# at decode and small batches; from about 2k tokens the masked path's two cuBLAS GEMMs win.
+AUTO_TRITON_MAX_TOKENS = 1024
+
+
+def auto_impl(x, training: bool) -> str:
+    """What tree.impl=auto runs for this input: "triton", "masked" or "gather"."""
+    if x.is_cuda:
+        if x.shape[0] <= AUTO_TRITON_MAX_TOKENS and triton_available():
+            return "triton"
+        return "masked"  # the gather path is 50-100x slower than dense on a GPU (DESIGN.md §4)
+    return "masked" if training else "gather"
+
+
 def tree_ffn_triton(*args, **kwargs):
     """See ``treeffn.kernels.triton_tree.tree_ffn_triton``."""
     from treeffn.kernels.triton_tree import tree_ffn_triton as impl
@@ -29,4 +44,4 @@ def tree_ffn_triton(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-__all__ = ["tree_ffn_triton", "triton_available"]
+__all__ = ["AUTO_TRITON_MAX_TOKENS", "auto_impl", "tree_ffn_triton", "triton_available"]

@@ -104,12 +104,9 @@ class TreeFFN(nn.Module):
         flat = x.reshape(-1, self.d_model)
         impl = self.impl
         if impl == "auto":
-            from treeffn.kernels import triton_available
+            from treeffn.kernels import auto_impl
 
-            if flat.is_cuda and triton_available():
-                impl = "triton"  # fused kernels (treeffn/kernels): training and inference
-            else:
-                impl = "masked" if self.training else "gather"
+            impl = auto_impl(flat, self.training)  # the fastest measured path for device and batch
         if impl == "triton":
             from treeffn.kernels import tree_ffn_triton
 
