@@ -146,8 +146,9 @@ def test_published_shapes_have_the_published_parameter_counts():
 def test_presets_train_on_the_embedded_default(tmp_path, cache_dir, overrides):
     from treeffn.training.train import train
 
-    result = train(compose_cfg(cache_dir, *overrides, "trainer.max_steps=6", "logger=none"), tmp_path / "run")
-    assert result["steps"] == 6 and result["val_loss"] < 10
+    result = train(compose_cfg(cache_dir, *overrides, "trainer.max_steps=3", "trainer.limit_val_batches=1",
+                               "logger=none"), tmp_path / "run")
+    assert result["steps"] == 3 and result["val_loss"] < 10
     assert result["ffn_flops_per_token_infer"] <= result["ffn_flops_per_token_train"]
     if "tree=dense" in overrides:
         assert result["ffn_flops_per_token_infer"] == result["dense_ffn_flops_per_token"]

@@ -179,7 +179,8 @@ def test_dense_run_then_tree_fine_tunes_with_each_init(tmp_path, cache_dir):
     from treeffn.training.train import train
 
     dense_run = tmp_path / "dense"
-    train(compose_cfg(cache_dir, "tree=dense", "trainer.max_steps=8", "logger=none"), dense_run)
+    fast = ("trainer.limit_val_batches=1", "logger=none")
+    train(compose_cfg(cache_dir, "tree=dense", "trainer.max_steps=4", *fast), dense_run)
     hf_dir = dense_run / "hf"
     if not (hf_dir / "config.json").exists():  # train() writes it once the run-dir export lands
         from treeffn.models.load import load_from_run
@@ -190,8 +191,8 @@ def test_dense_run_then_tree_fine_tunes_with_each_init(tmp_path, cache_dir):
     for init in ("random", "from_dense"):
         run = tmp_path / init
         result = train(compose_cfg(cache_dir, f"model.init_from={hf_dir}", f"tree.init={init}", "tree.depth=2",
-                                   "model.freeze=attention", "trainer.max_steps=4", "logger=none"), run)
-        assert result["steps"] == 4 and result["val_loss"] < 10 and result["ffn"] == "tree"
+                                   "model.freeze=attention", "trainer.max_steps=2", *fast), run)
+        assert result["steps"] == 2 and result["val_loss"] < 10 and result["ffn"] == "tree"
         state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         for key, value in dense.state_dict().items():
             if ".self_attn." in key:  # frozen during fine-tuning: still the dense run's weights

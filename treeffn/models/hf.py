@@ -155,6 +155,9 @@ def save_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     ffns = ffn_modules(model)
     if ffns and all(isinstance(m, TREE_LAYER_TYPES) for m in ffns):
         to_save = as_tree_model(model)
+        # impl=triton only runs on CUDA; the saved model says auto (which picks Triton there anyway).
+        if to_save.config.tree.get("impl") == "triton":
+            to_save.config.tree = {**to_save.config.tree, "impl": "auto"}
         to_save.save_pretrained(out)
     elif all(isinstance(m, DENSE_LAYER_TYPES) for m in ffns):  # a swapped dense model, or a stock one
         model.save_pretrained(out, state_dict=stock_state_dict(model) if ffns else None)
