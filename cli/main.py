@@ -13,6 +13,7 @@ VERBS = {
     "eval": ("treeffn.cli.eval", "main", "perplexity and lm-evaluation-harness tasks for a trained model"),
     "bench": ("treeffn.cli.bench", "main", "layer speed: tree kernels vs dense MLP (checked, then timed)"),
     "analyze": ("treeffn.cli.analyze", "main", "auto-pruning: routing statistics and plots over a run's checkpoints"),
+    "report": ("treeffn.cli.report", "main", "a sweep's runs as the paper-style table (Markdown, CSV, LaTeX) and plots"),
 }
 
 USAGE = """usage: treeffn <verb> [hydra overrides ...]

@@ -14,12 +14,18 @@ class OverrideError(ValueError):
     pass
 
 
+# The config roots: conf/, then sweeps/ (hydra.searchpath in conf/config.yaml; groups sweep, strategy).
+CONFIG_PACKAGES = ("treeffn.conf", "treeffn.sweeps")
+
+
 def group_choices(group: str) -> list[str]:
-    """Option names of a config group (conf/<group>/*.yaml)."""
-    folder = resources.files("treeffn.conf").joinpath(group)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    """Option names of a config group (<root>/<group>/*.yaml in any config root)."""
+    names: set[str] = set()
+    for package in CONFIG_PACKAGES:
+        folder = resources.files(package).joinpath(group)
+        if folder.is_dir():
+            names.update(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(names)
 
 
 def check_overrides(args: list[str], config_name: str = "config") -> None:

@@ -1,0 +1,134 @@
+"""The report's PNG plots (matplotlib, an optional extra: pip install 'treeffn[plots]').
+
+    ppl_vs_active.png   the metric vs the fraction of FFN units a token uses (one point per row)
+    ppl_vs_depth.png    the metric vs tree depth, one line per other factor (dense as a level line)
+    curves.png          training loss and validation perplexity vs step, one colour per row
+                        (mean over seeds; each seed faint)
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def make_plots(report) -> dict[str, Path]:
+    from treeffn.results.report import row_name
+
+    rows = [r for r in report.rows if r.stats.get("mean") is not None]
+    files = {}
+    if rows:
+        files["ppl_vs_active"] = plot_vs_active(report, rows, row_name, report.out_dir / "ppl_vs_active.png")
+        if any(r.stats.get("depth") is not None for r in rows):
+            files["ppl_vs_depth"] = plot_vs_depth(report, rows, report.out_dir / "ppl_vs_depth.png")
+    curves = {row_name(r): [read_metrics(p.run_dir) for p in r.points if p.run_dir.is_dir()] for r in report.rows}
+    if any(any(c) for c in curves.values()):
+        files["curves"] = plot_curves(curves, report.out_dir / "curves.png", report.sweep.name)
+    return files
+
+
+def plot_vs_active(report, rows, row_name, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for row in rows:
+        s = row.stats
+        x = 100 * (s["active_ffn_fraction"] or 1.0)
+        ax.errorbar([x], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o", capsize=3, label=row_name(row))
+    ax.set_xscale("log")
+    ax.set_xlabel("active FFN units per token (%)")
+    ax.set_ylabel(f"{report.metric} (mean ± std over seeds)")
+    ax.set_title(f"{report.sweep.name}: {report.metric} vs active fraction")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_vs_depth(report, rows, path: Path) -> Path:
+    """Tree rows as lines over depth (grouped by the factors other than depth); dense rows as
+    horizontal lines, since they have no depth."""
+    depth_key = next((f for f in report.factors if f.endswith("depth")), None)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lines: dict[str, list] = {}
+    for row in rows:
+        s = row.stats
+        if s.get("ffn") == "tree" and s.get("depth") is not None:
+            other = ", ".join(v for k, v in row.label.items() if k != depth_key and v and v != "—") or "tree"
+            lines.setdefault(other, []).append((s["depth"], s["mean"], s["std"] or 0.0))
+    for name, pts in lines.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name)
+    for row in rows:
+        s = row.stats
+        if s.get("ffn") == "dense":
+            label = "dense" + (f" (from {row.source})" if row.source else "")
+            ax.axhline(s["mean"], linestyle="--", color="black", linewidth=1, label=label)
+            if s["std"]:
+                ax.axhspan(s["mean"] - s["std"], s["mean"] + s["std"], color="black", alpha=0.08)
+    ax.set_xlabel("tree depth D (levels below the root; a token visits D+1 nodes per tree)")
+    ax.set_ylabel(f"{report.metric} (mean ± std over seeds)")
+    ax.set_title(f"{report.sweep.name}: {report.metric} vs depth")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{column: [(step, value)]} from logs/csv/metrics-part*.csv (earlier parts of a resumed run)
+    and metrics.csv; where parts overlap, the later one's value for a step wins."""
+    folder = Path(run_dir) / "logs" / "csv"
+    files = sorted(folder.glob("metrics-part*.csv")) + ([folder / "metrics.csv"] if (folder / "metrics.csv").exists() else [])
+    series: dict[str, dict[int, float]] = {}
+    for file in files:
+        with file.open(newline="") as f:
+            for rec in csv.DictReader(f):
+                try:
+                    step = int(float(rec.get("step") or ""))
+                except ValueError:
+                    continue
+                for key, value in rec.items():
+                    if key in ("step", "epoch") or value in (None, ""):
+                        continue
+                    try:
+                        series.setdefault(key, {})[step] = float(value)
+                    except ValueError:
+                        continue
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+    panels = [("train/loss", "training loss"), ("val/ppl", "validation perplexity")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, runs) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        for ax, (key, _) in zip(axes, panels):
+            seeds = [dict(r[key]) for r in runs if r.get(key)]
+            for s in seeds:
+                ax.plot(list(s), list(s.values()), color=colour, alpha=0.25, linewidth=0.8,
+                        marker="." if len(s) < 3 else None)  # a short run logs one or two points
+            steps = sorted({st for s in seeds for st in s})
+            if steps:  # mean over the seeds that logged each step
+                mean = [sum(s[st] for s in seeds if st in s) / sum(st in s for s in seeds) for st in steps]
+                ax.plot(steps, mean, color=colour, linewidth=1.8, label=name, marker="o" if len(steps) < 3 else None)
+    for ax, (key, label) in zip(axes, panels):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if key == "val/ppl":
+            ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: training curves (mean over seeds; seeds faint)")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
