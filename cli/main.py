@@ -6,6 +6,7 @@ Kept light: no torch import here, so `treeffn train --cfg job` answers in about 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 VERBS = {
@@ -53,10 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         except OverrideError as e:
             print(f"treeffn {verb}: error: {e}", file=sys.stderr)
             return 2
-    # Hydra reads sys.argv itself; give it the verb's arguments under the verb's name.
+    if verb == "train" and not _first_process():
+        # The other ranks of a multi-process run (started by Lightning, torchrun or srun) train
+        # silently: their summary would repeat rank 0's, after its last line. Errors: stderr.
+        sys.stdout = open(os.devnull, "w")
+    # Hydra reads sys.argv itself; give it the verb's arguments under the verb's name. (Lightning
+    # re-runs a command to start more ranks: treeffn.training.distributed.rank_command builds it.)
     sys.argv = [f"treeffn {verb}", *argv[1:]]
     getattr(importlib.import_module(module), func)()
     return 0
+
+
+def _first_process() -> bool:
+    """Global rank 0, from the variables launchers set for the others (the same rule as
+    treeffn.training.distributed.is_global_zero, without importing torch here)."""
+    return all(os.environ.get(k, "0").strip() in ("", "0")
+               for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ HF_WIDTH_KEYS = {
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 MAX_DEPTH = 20
+STRATEGIES = ("auto", "ddp", "fsdp")  # trainer.strategy (conf/trainer/{cpu,gpu,ddp,fsdp}.yaml)
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 
 
 class ConfigError(ValueError):
@@ -165,9 +167,34 @@ def validate_train_config(cfg: dict) -> None:
     _int_at_least("guard.max_non_finite_steps", cfg.get("guard", {}).get("max_non_finite_steps"), 1)
     for name in cfg["logger"].get("names", []):
         _allowed("logger.names", name, LOGGERS)
+    validate_scale_out(trainer, optim)
     resume = cfg.get("resume")
     if resume not in ("auto", "never") and not (isinstance(resume, str) and resume.endswith(".ckpt")):
         raise ConfigError(f"resume={resume!r} is not allowed; choose auto, never, or a path to a .ckpt file")
+
+
+def validate_scale_out(trainer: dict, optim: dict) -> None:
+    """trainer.strategy / devices / num_nodes / fsdp.* and optim.global_batch_tokens. Whether the
+    global batch divides by the device count is checked once the device count is known
+    (treeffn.training.distributed.accumulation)."""
+    _allowed("trainer.strategy", trainer.get("strategy", "auto"), STRATEGIES)
+    _int_at_least("trainer.num_nodes", trainer.get("num_nodes", 1), 1)
+    devices = trainer.get("devices", 1)
+    if not (devices in ("auto", -1) or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
+            or (isinstance(devices, list) and devices and all(isinstance(d, int) for d in devices))):
+        raise ConfigError(f"trainer.devices={devices!r} is not allowed; use an integer >= 1, auto (all of the "
+                          f"node's devices) or a list of device indices")
+    _int_at_least("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1), 1)
+    tokens = optim.get("global_batch_tokens")
+    if tokens is not None:
+        _int_at_least("optim.global_batch_tokens", tokens, 1)
+        if trainer.get("accumulate_grad_batches", 1) != 1:
+            raise ConfigError(f"optim.global_batch_tokens={tokens} derives the gradient accumulation itself; "
+                              f"drop trainer.accumulate_grad_batches={trainer['accumulate_grad_batches']} or set "
+                              f"optim.global_batch_tokens=null")
+    fsdp = trainer.get("fsdp") or {}
+    if "sharding_strategy" in fsdp:
+        _allowed("trainer.fsdp.sharding_strategy", fsdp["sharding_strategy"], FSDP_SHARDING)
 
 
 def validate_leaf_family(model: dict, tree: dict) -> None:

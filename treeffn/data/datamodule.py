@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from treeffn.data.sampler import ResumableBatchSampler
+from treeffn.data.sampler import ResumableBatchSampler, ShardedEvalBatches, limited_blocks
 from treeffn.data.sources import load_source
 from treeffn.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -51,6 +51,9 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size = int(data_cfg["batch_size"])
         self.stats: dict = {}
         self.train_set = self.val_set = None
+        # trainer.limit_val_batches (batches of data.batch_size, the same on any device count);
+        # None = the whole validation split. The Trainer itself is given no limit.
+        self.val_limit: int | float | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -112,28 +115,51 @@ class TextDataModule(L.LightningDataModule):
         self.val_set = torch.from_numpy(np.load(folder / "validation.npy").astype(np.int64))
 
     # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> DataLoader:
-        if len(self.train_set) < self.batch_size:
+    # Batches are sharded by rank here (treeffn/data/sampler.py); the Trainer is built with
+    # use_distributed_sampler=False so Lightning leaves these loaders as they are.
+    def _ranks(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
+    def global_batch_blocks(self, accumulate: int, world_size: int) -> int:
+        """Blocks per optimizer step on all ranks; a DataError when the split cannot fill one."""
+        blocks = self.batch_size * accumulate * world_size
+        if len(self.train_set) < blocks:
             from treeffn.data.sources import DataError
 
-            raise DataError(f"the training split has {len(self.train_set)} blocks, fewer than data.batch_size={self.batch_size}")
+            raise DataError(f"the training split has {len(self.train_set)} blocks, fewer than one global batch of "
+                            f"{blocks} (data.batch_size={self.batch_size} x {accumulate} accumulation x "
+                            f"{world_size} ranks); give more text or a smaller batch")
+        return blocks
+
+    def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
+        rank, world = self._ranks()
+        accumulate = trainer.accumulate_grad_batches if trainer else 1
+        self.global_batch_blocks(accumulate, world)
         sampler = ResumableBatchSampler(
-            len(self.train_set), self.batch_size, self.seed, start_batch=self.batches_consumed(),
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            len(self.train_set), self.batch_size, self.seed, start_step=trainer.global_step if trainer else 0,
+            accumulate=accumulate, rank=rank, world_size=world,
         )
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=int(self.cfg.get("num_workers", 0)))
 
-    def batches_consumed(self) -> int:
-        """Batches this rank has trained on so far (after a resume: those before the checkpoint)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches
-
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
-                          num_workers=int(self.cfg.get("num_workers", 0)))
+        rank, world = self._ranks()
+        kept = limited_blocks(len(self.val_set), self.batch_size, self.val_limit)
+        sampler = ShardedEvalBatches(kept, self.batch_size, rank=rank, world_size=world)
+        return DataLoader(self.val_set, batch_sampler=sampler, num_workers=int(self.cfg.get("num_workers", 0)))
+
+    # The global batch in blocks travels in checkpoints: resuming with another one would put
+    # the data position (global_step x blocks) and the token count off (see check_resume_batch).
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.train_set is None:
+            return {}
+        return {"global_batch_blocks": self.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
+                "block_size": self.block_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # checked before training starts (treeffn.training.distributed.check_resume_batch)
 
 
 def unigram_perplexity(train_counts: np.ndarray, tokens: np.ndarray) -> float:

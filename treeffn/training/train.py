@@ -12,6 +12,7 @@ Run dir layout:
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -80,6 +81,13 @@ def check_same_experiment(cfg: dict, run_dir: Path) -> None:
                           f"continue it with its own config or choose another hydra.run.dir")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write then rename: other ranks may read the file (check_same_experiment) meanwhile."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def precision_for(setting: str) -> str:
     import torch
 
@@ -90,7 +98,9 @@ def precision_for(setting: str) -> str:
     return "32-true"
 
 
-def make_loggers(cfg: dict, run_dir: Path, resuming: bool) -> list:
+def make_loggers(cfg: dict, run_dir: Path, resuming: bool, rank_zero: bool = True) -> list:
+    """The configured loggers. Every rank gets them (Lightning logs from rank 0 only); only rank
+    0 touches files: the CSV part renaming and W&B's run id."""
     from lightning.pytorch.loggers import CSVLogger
 
     loggers = []
@@ -98,12 +108,12 @@ def make_loggers(cfg: dict, run_dir: Path, resuming: bool) -> list:
     if "csv" in names:
         csv_dir = run_dir / "logs" / "csv"
         metrics = csv_dir / "metrics.csv"
-        if metrics.exists():  # Lightning's CSV writer would delete it: keep it as an earlier part
+        if rank_zero and metrics.exists():  # Lightning's CSV writer would delete it: keep it as an earlier part
             part = len(list(csv_dir.glob("metrics-part*.csv")))
             metrics.rename(csv_dir / f"metrics-part{part:03d}.csv")
         loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version="csv"))
     if "wandb" in names:
-        loggers.append(make_wandb_logger(cfg, run_dir))
+        loggers.append(make_wandb_logger(cfg, run_dir, rank_zero))
     return loggers
 
 
@@ -122,18 +132,20 @@ def wandb_mode(setting: str) -> str:
     return "offline"
 
 
-def make_wandb_logger(cfg: dict, run_dir: Path):
+def make_wandb_logger(cfg: dict, run_dir: Path, rank_zero: bool = True):
     import uuid
 
     from lightning.pytorch.loggers import WandbLogger
 
-    # One W&B run per run dir: a resumed or requeued job continues the same W&B run.
+    # One W&B run per run dir: a resumed or requeued job continues the same W&B run. Other
+    # ranks never start a W&B run (Lightning gives them a no-op experiment): no id needed.
     id_file = run_dir / "wandb_id.txt"
-    if not id_file.exists():
+    if rank_zero and not id_file.exists():
         id_file.write_text(uuid.uuid4().hex[:12])
+    run_id = id_file.read_text().strip() if rank_zero else None
     mode = wandb_mode(cfg["logger"].get("mode", "auto"))
     return WandbLogger(project=cfg["logger"].get("project", "treeffn"), name=run_dir.name, save_dir=str(run_dir),
-                       id=id_file.read_text().strip(), resume="allow", mode=mode, config=cfg)
+                       id=run_id, resume="allow", mode=mode, config=cfg)
 
 
 def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
@@ -143,6 +155,7 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     preempted or failed with its error), so a sweep's index shows every job.
     """
     from treeffn.results.index import INDEX_FILE, append_record
+    from treeffn.training.distributed import is_global_zero
 
     run_dir = Path(run_dir)
     index = run_dir.parent / INDEX_FILE
@@ -151,14 +164,18 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     except ConfigError:
         raise  # bad input: nothing ran, nothing is recorded
     except Preempted as e:
-        append_record(index, {"run_dir": str(run_dir), "status": "preempted", "error": str(e)})
+        if is_global_zero():  # one record per run, whatever the number of ranks
+            append_record(index, {"run_dir": str(run_dir), "status": "preempted", "error": str(e)})
         raise
     except BaseException as e:
-        error = f"{type(e).__name__}: {e}".strip()
-        write_json_atomic(run_dir / "result.json", {"format": RESULT_FORMAT, "status": "failed", "error": error,
-                                                    "run_dir": str(run_dir), "seed": cfg.get("seed")})
-        append_record(index, {"run_dir": str(run_dir), "status": "failed", "error": error})
+        if is_global_zero():
+            error = f"{type(e).__name__}: {e}".strip()
+            write_json_atomic(run_dir / "result.json", {"format": RESULT_FORMAT, "status": "failed", "error": error,
+                                                        "run_dir": str(run_dir), "seed": cfg.get("seed")})
+            append_record(index, {"run_dir": str(run_dir), "status": "failed", "error": error})
         raise
+    if not is_global_zero():
+        return result  # the other ranks trained; rank 0 records and evaluates
     append_record(index, {k: result.get(k) for k in ("run_dir", "status", "val_loss", "val_ppl", "steps",
                                                      "tokens_seen", "ffn", "model", "seed")})
     if cfg.get("eval_after_train") and result["status"] == "finished":
@@ -191,6 +208,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.models.build import accounting, build_model
     from treeffn.training.callbacks import InitialCheckpoint, RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
+    from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, launched_ranks,
+                                              make_strategy)
     from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
 
     started = time.perf_counter()
@@ -201,13 +220,6 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     acct = accounting(model)
     if ckpt is not None:
         check_checkpoint_fits(ckpt, model)
-
-    # Everything above can fail on bad input; nothing in the run dir is written before this line.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    write_json_atomic(run_dir / "environment.json", environment_snapshot())
-    if command is not None:
-        write_json_atomic(run_dir / "command.json", command)
 
     t = cfg["trainer"]
     module = CausalLMModule(model, cfg["optim"], max_steps=t["max_steps"])
@@ -223,43 +235,69 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         *([routing] if with_stats else []),
         *([InitialCheckpoint(run_dir / "checkpoints" / "step0000000.ckpt")] if cfg["checkpoint"]["keep_all"] else []),
         RNGState(),
+        RankSeed(cfg["seed"]),  # after RNGState: several ranks draw from per-rank streams
         guard := NonFiniteGuard(cfg["guard"]["max_non_finite_steps"]),
         preemption := Preemption(run_dir / "checkpoints" / "last.ckpt"),
         RichProgressBar(leave=True),
     ]
+    precision = precision_for(t["precision"])
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t["accelerator"],
         devices=t["devices"],
-        precision=precision_for(t["precision"]),
+        num_nodes=t.get("num_nodes", 1),
+        strategy=make_strategy(t, model, precision),
+        precision=precision,
         max_steps=t["max_steps"],
         max_epochs=-1,
-        val_check_interval=min(t["val_check_interval"], t["max_steps"]),
+        val_check_interval=min(t["val_check_interval"], t["max_steps"]),  # in steps: scaled below
         check_val_every_n_epoch=None,
-        limit_val_batches=t["limit_val_batches"],
-        accumulate_grad_batches=t["accumulate_grad_batches"],
+        # The DataModule applies trainer.limit_val_batches itself, the same on any device count.
+        limit_val_batches=0 if t["limit_val_batches"] == 0 else 1.0,
         gradient_clip_val=cfg["optim"]["grad_clip"],
         log_every_n_steps=t["log_every_n_steps"],
         deterministic=t["deterministic"],
         num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the DataModule's sampler shards by rank itself
-        logger=make_loggers(cfg, run_dir, resuming=ckpt is not None) or False,
+        use_distributed_sampler=False,  # the DataModule's samplers shard by rank themselves
+        logger=False,  # set below, once this process knows whether it is rank 0
         callbacks=callbacks,
         enable_model_summary=False,
     )
-    tokens_per_step = data.batch_size * data.block_size * t["accumulate_grad_batches"] * trainer.world_size
-    throughput.tokens_per_step = tokens_per_step
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    if preemption.received:
-        result = {"format": RESULT_FORMAT, "status": "preempted", "signal": preemption.received,
-                  "steps": int(trainer.global_step), "run_dir": str(run_dir)}
-        write_json_atomic(run_dir / "result.json", result)
-        raise Preempted(f"received {preemption.received} at step {trainer.global_step}; checkpoint saved in "
-                        f"{run_dir / 'checkpoints' / 'last.ckpt'}; rerun the same command to continue")
+    # The device count is known now (from the Trainer, which reads Slurm/torchrun settings too).
+    trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
+    # Lightning counts val_check_interval in micro-batches; the config counts optimizer steps.
+    trainer.val_check_interval = min(t["val_check_interval"], t["max_steps"]) * trainer.accumulate_grad_batches
+    global_blocks = data.global_batch_blocks(trainer.accumulate_grad_batches, trainer.world_size)
+    if ckpt is not None:
+        check_resume_batch(ckpt, global_blocks, data.block_size)
+    data.val_limit = t["limit_val_batches"]
+    rank_zero = trainer.is_global_zero
 
-    # The result's validation numbers come from the final weights.
-    if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
-        trainer.validate(module, datamodule=data, verbose=False)
+    # Everything above can fail on bad input; nothing in the run dir is written before this
+    # line, and only by rank 0 (the other ranks of a job read these files, never write them).
+    if rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        write_json_atomic(run_dir / "environment.json", environment_snapshot())
+        if command is not None:
+            write_json_atomic(run_dir / "command.json", command)
+    trainer.loggers = make_loggers(cfg, run_dir, resuming=ckpt is not None, rank_zero=rank_zero)
+
+    tokens_per_step = global_blocks * data.block_size
+    throughput.tokens_per_step = tokens_per_step
+    with launched_ranks(trainer):  # starts the other ranks (if Lightning does); ends them after
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        if preemption.received:
+            result = {"format": RESULT_FORMAT, "status": "preempted", "signal": preemption.received,
+                      "steps": int(trainer.global_step), "run_dir": str(run_dir)}
+            if rank_zero:
+                write_json_atomic(run_dir / "result.json", result)
+            raise Preempted(f"received {preemption.received} at step {trainer.global_step}; checkpoint saved in "
+                            f"{run_dir / 'checkpoints' / 'last.ckpt'}; rerun the same command to continue")
+
+        # The result's validation numbers come from the final weights (all ranks take part).
+        if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
+            trainer.validate(module, datamodule=data, verbose=False)
     val = module.last_validation
     result = {
         "format": RESULT_FORMAT,
@@ -286,6 +324,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     elif not math.isfinite(result["val_loss"]):
         result["status"] = "non_finite"
     result["skipped_non_finite_steps"] = guard.skipped
+    if not rank_zero:
+        return result
     write_json_atomic(run_dir / "result.json", result)
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
