@@ -293,3 +293,21 @@ def test_auto_impl_by_device_and_batch(monkeypatch):
     assert kernels.auto_impl(FakeCuda(kernels.AUTO_TRITON_MAX_TOKENS + 1), training=False) == "masked"
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     assert kernels.auto_impl(FakeCuda(1), training=False) == "masked"
+
+
+def test_bench_smoke_on_cpu(tmp_path, capsys):
+    """`treeffn bench` end to end at a toy size: checks pass, table printed, JSON and Markdown written."""
+    import json
+
+    from treeffn.kernels.bench import main
+
+    rc = main(["--device", "cpu", "--configs", "custom:16,64,2,2", "--tokens", "3", "--paths", "dense,masked,gather",
+               "--rep-ms", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    timed = [r for r in result["rows"] if "median_us" in r]
+    assert {(r["path"], r["mode"]) for r in timed} >= {("dense", "fwd"), ("masked", "fwdbwd"), ("gather", "fwd")}
+    assert all(r["check"]["ok"] for r in timed)
+    assert "| custom:16,64,2,2 | 3 |" in (tmp_path / "bench.md").read_text()
+    assert "custom:16,64,2,2" in capsys.readouterr().out
+    assert main(["--device", "cpu", "--modes", "backward", "--out", str(tmp_path)]) == 2

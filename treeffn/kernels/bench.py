@@ -119,11 +119,11 @@ class Timer:
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
     """Copy bandwidth (bytes read + written) and a large GEMM's rate, on random data."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 28)
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)  # several times the L2 / L3
     src = torch.randn(n // 4, device=device)
     dst = torch.empty_like(src)
     t_copy = timer(lambda: dst.copy_(src))["median_us"]
-    m = 8192 if device.type == "cuda" else 2048
+    m = 8192 if device.type == "cuda" else 1024
     gdt = dtype if device.type == "cuda" else torch.float32
     a, b = torch.randn(m, m, device=device, dtype=gdt), torch.randn(m, m, device=device, dtype=gdt)
     t_mm = timer(lambda: a @ b)["median_us"]
