@@ -305,9 +305,7 @@ def main() -> int:
     import torch
 
     import treeffn
-    from treeffn.data import pretokenized
 
-    pretokenized.enable()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -91,3 +91,19 @@ def test_tokenizer_dir_without_files_is_refused(tmp_path):
 
     with pytest.raises(DataError, match="no tokenizer files"):
         load_tokenizer(str(tmp_path))
+
+
+def test_pretokenized_streams_pack_like_text(tmp_path):
+    from treeffn.data.pretokenized import read_tokens
+
+    train_ids = np.arange(1, 200, dtype=np.uint16)
+    val_ids = np.arange(300, 360, dtype=np.uint16)
+    train_ids.tofile(tmp_path / "train.u16")
+    np.save(tmp_path / "val.npy", val_ids.astype(np.int64))
+    assert read_tokens(tmp_path / "train.u16").tolist() == train_ids.tolist()
+    cfg = {"source": "tokens", "path": str(tmp_path / "train.u16"), "val_path": str(tmp_path / "val.npy"),
+           "tokenizer": "embedded", "block_size": 16, "batch_size": 2, "cache_dir": str(tmp_path / "cache")}
+    dm = TextDataModule(cfg)
+    dm.setup()
+    assert dm.train_set.shape == (199 // 16, 16) and dm.val_set.shape == (60 // 16, 16)
+    assert dm.train_set.flatten().tolist() == train_ids[: 12 * 16].tolist()

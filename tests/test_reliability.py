@@ -205,3 +205,22 @@ def test_hostile_input_fails_before_training_and_overwrites_nothing(hostile, arg
     assert after == before  # nothing existing overwritten, nothing new written
     assert not fresh.exists()
     assert not (root / "PWNED").exists()  # loading never ran code from the checkpoint
+
+
+def test_a_run_dir_in_use_is_refused(tmp_path):
+    from treeffn.config import ConfigError
+    from treeffn.training.reliability import hold_run_dir, release_run_dir
+
+    code = ("import fcntl, sys, time\n"
+            f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush()\n"
+            "print('locked', flush=True); time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=r"in use by another treeffn process \(pid 4242\)"):
+            hold_run_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_run_dir(tmp_path)  # free again once the holder is gone
+    release_run_dir(tmp_path)

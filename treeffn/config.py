@@ -13,7 +13,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "identity")
 IMPLS = ("auto", "masked", "gather", "triton")
 FFN_KINDS = ("tree", "dense")
 TREE_FAMILIES = ("node", "leaf")  # neuron per node (DESIGN §2) | FFF: routers + leaf MLPs
-DATA_SOURCES = ("embedded", "files", "hub")
+DATA_SOURCES = ("embedded", "files", "hub", "tokens")
 LOGGERS = ("csv", "wandb")
 MODEL_FAMILIES = ("opt", "gpt2", "llama")
 TREE_INITS = ("random", "from_dense")
@@ -152,6 +152,11 @@ def validate_data(data: dict, model: dict) -> None:
         path = data.get("path")
         if path in (None, "", "???"):
             raise ConfigError("data.path is missing; data=files needs data.path=<file, folder or glob>")
+    if data["source"] == "tokens":
+        for field in ("path", "val_path"):
+            if data.get(field) in (None, "", "???"):
+                raise ConfigError(f"data.{field} is missing; data=tokens needs data.path=<train token file> and "
+                                  f"data.val_path=<validation token file> (python -m treeffn.data.build_corpus)")
 
 
 def validate_train_config(cfg: dict) -> None:

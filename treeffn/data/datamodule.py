@@ -67,6 +67,10 @@ class TextDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ preparation
     def prepare(self) -> Path:
         """Build (or find) the packed cache; returns its folder. Safe to call repeatedly."""
+        if self.cfg["source"] == "tokens":  # pre-tokenized streams: no datasets, no tokenization
+            from treeffn.data.pretokenized import prepare_pretokenized
+
+            return prepare_pretokenized(self.cfg, self.cache_dir, self.tokenizer, self.block_size)
         raw, description = load_source(self.cfg, self.cache_dir)
         key_src = f"{PACK_FORMAT}|{description}|{tokenizer_fingerprint(self.tokenizer)}|{self.block_size}"
         key = hashlib.sha256(key_src.encode()).hexdigest()[:20]

@@ -10,9 +10,7 @@ validation, ``treeffn analyze``) are unchanged. No ``datasets`` and no tokenizat
 The cache key hashes the files' contents (not their paths), the tokenizer and the block size, so
 a copy of the same files on another machine reuses nothing stale and needs no re-check of names.
 
-Wiring: ``TextDataModule.prepare`` hands ``source == "tokens"`` to :func:`prepare_pretokenized`,
-and ``treeffn.config.DATA_SOURCES`` lists ``tokens`` (docs/reproduction.md gives the patch).
-Until that patch is applied, :func:`enable` installs the same behaviour at run time.
+Wiring: ``TextDataModule.prepare`` hands ``source == "tokens"`` to :func:`prepare_pretokenized`.
 """
 
 from __future__ import annotations
@@ -119,26 +117,3 @@ def prepare_pretokenized(data_cfg: dict, cache_dir: Path, tokenizer, block_size:
     except OSError:  # a concurrent job won the race: use its copy
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def enable() -> None:
-    """Install ``data=tokens`` into this process (stands in for the datamodule/config patch).
-
-    Idempotent; does nothing when the installed treeffn already accepts ``source: tokens``.
-    """
-    import treeffn.config as config
-    import treeffn.data.datamodule as datamodule
-
-    if "tokens" in config.DATA_SOURCES:
-        return
-    config.DATA_SOURCES = (*config.DATA_SOURCES, "tokens")
-    base = datamodule.TextDataModule
-
-    class TokensDataModule(base):
-        def prepare(self) -> Path:
-            if self.cfg.get("source") == "tokens":
-                return prepare_pretokenized(self.cfg, self.cache_dir, self.tokenizer, self.block_size)
-            return super().prepare()
-
-    TokensDataModule.__name__ = TokensDataModule.__qualname__ = "TextDataModule"
-    datamodule.TextDataModule = TokensDataModule

@@ -155,6 +155,7 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     preempted or failed with its error), so a sweep's index shows every job.
     """
     from treeffn.results.index import INDEX_FILE, append_record
+    from treeffn.training.reliability import release_run_dir
     from treeffn.training.distributed import is_global_zero
 
     run_dir = Path(run_dir)
@@ -174,6 +175,8 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
                                                         "run_dir": str(run_dir), "seed": cfg.get("seed")})
             append_record(index, {"run_dir": str(run_dir), "status": "failed", "error": error})
         raise
+    finally:
+        release_run_dir(run_dir)
     if not is_global_zero():
         return result  # the other ranks trained; rank 0 records and evaluates
     append_record(index, {k: result.get(k) for k in ("run_dir", "status", "val_loss", "val_ppl", "steps",
@@ -210,7 +213,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.training.lm_module import CausalLMModule
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, launched_ranks,
                                               make_strategy)
-    from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
+    from treeffn.training.reliability import (NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits,
+                                              hold_run_dir)
 
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -277,6 +281,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     # line, and only by rank 0 (the other ranks of a job read these files, never write them).
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
+        hold_run_dir(run_dir)  # released by train() when this run ends, however it ends
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
         write_json_atomic(run_dir / "environment.json", environment_snapshot())
         if command is not None:
