@@ -225,6 +225,25 @@ def test_global_batch_tokens_sets_accumulation():
     assert accumulation(cfg, 8) == 3
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("trainer.strategy=deepspeed", "trainer.strategy='deepspeed' is not allowed; choose one of: auto, ddp, fsdp"),
+    ("trainer.num_nodes=0", "trainer.num_nodes=0 is not allowed"),
+    ("trainer.devices=0", "trainer.devices=0 is not allowed"),
+    ("optim.global_batch_tokens=0", "optim.global_batch_tokens=0 is not allowed"),
+    ("trainer.fsdp.sharding_strategy=HALF", "trainer.fsdp.sharding_strategy='HALF' is not allowed"),
+])
+def test_scale_out_settings_are_checked(cache_dir, override, fragment):
+    from treeffn.config import validate_train_config
+
+    cfg = make_cfg(cache_dir, "trainer=fsdp" if "fsdp" in override else "trainer=ddp", override)
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(cfg)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    both = make_cfg(cache_dir, "optim.global_batch_tokens=1024", "trainer.accumulate_grad_batches=4")
+    with pytest.raises(ConfigError, match="drop trainer.accumulate_grad_batches=4"):
+        validate_train_config(both)
+
+
 def test_global_batches_do_not_depend_on_the_split():
     from treeffn.data.sampler import ResumableBatchSampler
 
