@@ -82,7 +82,7 @@ def fsdp_units(model: torch.nn.Module) -> set[type]:
 def make_strategy(trainer_cfg: dict, model: torch.nn.Module, precision: str):
     """The Lightning strategy for trainer.strategy; "auto" stays Lightning's choice for one device."""
     name = trainer_cfg.get("strategy", "auto")
-    if name == "auto" and requested_processes(trainer_cfg) > 1:
+    if name == "auto" and requested_processes(trainer_cfg) * int(trainer_cfg.get("num_nodes", 1)) > 1:
         name = "ddp"  # what Lightning would pick, with our DDP settings
     if name in ("ddp", "fsdp"):
         quiet_reduced_metric_warnings()
