@@ -193,6 +193,16 @@ def test_a_checkpoint_of_another_global_batch_is_refused(runs, cache_dir, tmp_pa
     assert not (tmp_path / "other").exists()
 
 
+def test_ranks_lightning_cannot_start_are_refused_before_anything_is_written(cache_dir, tmp_path):
+    """train() called from Python (no Hydra job to re-run) cannot have Lightning start ranks."""
+    from treeffn.training.train import train
+
+    cfg = make_cfg(cache_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    with pytest.raises(ConfigError, match="start every rank yourself"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_sweep_starts_its_ranks(tmp_path, cache_dir):
     """`treeffn train -m ... trainer=ddp trainer.devices=2`: Lightning starts each job's second
     rank by re-running the command; every job trains in its own run dir, on two ranks."""

@@ -150,17 +150,26 @@ def spawns_ranks(trainer) -> bool:
     return trainer.world_size > 1 and env is not None and not env.creates_processes_externally
 
 
-def rank_command() -> list[str]:
-    """sys.argv for Lightning's launcher: the command that runs this Hydra job again.
+START_RANKS_HINT = ("this many devices needs more processes, which Lightning starts by re-running the command: "
+                    "start training with `treeffn train ...`, or start every rank yourself (torchrun, srun)")
+
+
+def rank_command(trainer) -> list[str] | None:
+    """sys.argv for Lightning's launcher when it will start this node's other ranks, else None.
 
     Lightning starts rank i as ``python <argv[0] or -m module> <argv[1:]> hydra.run.dir=<run.dir>
-    ...``. Our argv at this point is ``["treeffn train", <all overrides>]``: no runnable
+    ...``. Our argv at that point is ``["treeffn train", <all overrides>]``: no runnable
     program, no verb, and under ``-m`` the whole sweep. Give it this job's own overrides and
-    the entry point this process was started through.
+    the entry point this process was started through. A ConfigError when there is none (called
+    before anything is written, so a refused command leaves nothing behind).
     """
+    if not spawns_ranks(trainer):
+        return None
     import __main__
     from hydra.core.hydra_config import HydraConfig
 
+    if not HydraConfig.initialized():
+        raise ConfigError(START_RANKS_HINT)
     overrides = list(HydraConfig.get().overrides.task)
     spec = getattr(__main__, "__spec__", None)
     if spec is not None and spec.name == "treeffn.cli.train":  # python -m treeffn.cli.train ...
@@ -171,28 +180,21 @@ def rank_command() -> list[str]:
 
     if spec is None and getattr(__main__, "main", None) is cli_main.main:  # the `treeffn` console script
         return [os.path.abspath(__main__.__file__), "train", *overrides]
-    raise ConfigError("this many devices needs more processes, which Lightning starts by re-running the "
-                      "command: start training with `treeffn train ...`, or start every rank yourself "
-                      "(torchrun, srun)")
+    raise ConfigError(START_RANKS_HINT)
 
 
 @contextlib.contextmanager
-def launched_ranks(trainer):
-    """Around fit/validate: makes Lightning's launcher start the other ranks with this job's
-    command; afterwards ends the process group and restores what the launcher set, so that the
-    next job of a Hydra sweep in this process starts its own ranks again."""
-    spawning = spawns_ranks(trainer)
+def launched_ranks(command: list[str] | None):
+    """Around fit/validate. With ``command`` (from rank_command): makes Lightning's launcher
+    start the other ranks with it; afterwards ends the process group and restores what the
+    launcher set, so that the next job of a Hydra sweep in this process starts its own ranks."""
     saved_argv, saved_env, threads = list(sys.argv), {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}, None
     hydra_run = None
-    if spawning:
+    if command is not None:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import open_dict, read_write
 
-        if not HydraConfig.initialized():
-            raise ConfigError("this many devices needs more processes, which Lightning starts by re-running the "
-                              "command: start training with `treeffn train ...`, or start every rank yourself "
-                              "(torchrun, srun)")
-        sys.argv = rank_command()
+        sys.argv = command
         # Lightning names hydra.run.dir for the new ranks; in a sweep that must be this job's
         # output dir (hydra.sweep.dir/subdir), not the single-run pattern.
         hydra_cfg = HydraConfig.get()
@@ -205,7 +207,7 @@ def launched_ranks(trainer):
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        if spawning:
+        if command is not None:
             sys.argv = saved_argv
             from hydra.core.hydra_config import HydraConfig
             from omegaconf import open_dict, read_write

@@ -212,7 +212,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.training.callbacks import InitialCheckpoint, RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, launched_ranks,
-                                              make_strategy)
+                                              make_strategy, rank_command)
     from treeffn.training.reliability import (NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits,
                                               hold_run_dir)
 
@@ -275,6 +275,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     if ckpt is not None:
         check_resume_batch(ckpt, global_blocks, data.block_size)
     data.val_limit = t["limit_val_batches"]
+    ranks_command = rank_command(trainer)  # how Lightning will start the other ranks, if it does
     rank_zero = trainer.is_global_zero
 
     # Everything above can fail on bad input; nothing in the run dir is written before this
@@ -290,7 +291,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
 
     tokens_per_step = global_blocks * data.block_size
     throughput.tokens_per_step = tokens_per_step
-    with launched_ranks(trainer):  # starts the other ranks (if Lightning does); ends them after
+    with launched_ranks(ranks_command):  # Lightning starts the other ranks (if it does); ended after
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         if preemption.received:
             result = {"format": RESULT_FORMAT, "status": "preempted", "signal": preemption.received,
