@@ -9,8 +9,9 @@ What lives here, and why:
 * ``accumulation``: ``optim.global_batch_tokens`` -> gradient accumulation steps, so one
   optimizer step trains on the same tokens on 1 or 16 GPUs.
 * ``is_global_zero``: whether this process may write the run dir records.
-* ``launched_ranks``: what Lightning needs to start the other ranks of a Hydra job correctly
-  (its launcher re-runs this process's command line), and the cleanup after the job.
+* ``rank_command`` / ``launched_ranks``: what Lightning needs to start the other ranks of a
+  Hydra job correctly (its launcher re-runs this process's command line), and the cleanup
+  after the job. Under Slurm (srun) or torchrun the ranks exist already and none of it applies.
 * ``RankSeed``: a different random stream (dropout) on every rank.
 """
 
