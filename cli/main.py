@@ -15,6 +15,7 @@ VERBS = {
     "bench": ("treeffn.cli.bench", "main", "layer speed: tree kernels vs dense MLP (checked, then timed)"),
     "analyze": ("treeffn.cli.analyze", "main", "auto-pruning: routing statistics and plots over a run's checkpoints"),
     "report": ("treeffn.cli.report", "main", "a sweep's runs as the paper-style table (Markdown, CSV, LaTeX) and plots"),
+    "prune": ("treeffn.cli.prune", "run", "remove subtrees no token reaches; save the smaller model"),
 }
 
 USAGE = """usage: treeffn <verb> [hydra overrides ...]
@@ -28,6 +29,7 @@ Examples:
   treeffn train tree=dense                        the dense baseline
   treeffn train -m tree.placement=node,post_sum   a sweep (Hydra multirun)
   treeffn train --cfg job                         print the composed config
+  treeffn prune run=<run dir>                     drop unreached subtrees; params and perplexity before/after
 """
 
 

@@ -81,7 +81,11 @@ def quiet_library_logs() -> None:
 
 def print_summary(result: dict) -> None:
     ffn = result["ffn"]
-    if ffn == "tree":
+    if ffn == "tree" and result["tree"].get("family") == "leaf":
+        t = result["tree"]
+        arch = (f"leaf-FFF: {t['trees']} trees x depth {t['depth']} ({2 ** t['depth']} leaves each, "
+                f"{result['ffn_units']} units/layer), activation={t['activation']}")
+    elif ffn == "tree":
         t = result["tree"]
         arch = (f"tree FFN: {t['trees']} trees x depth {t['depth']} ({result['ffn_units']} nodes/layer), "
                 f"placement={t['placement']}, activation={t['activation']}")
@@ -90,15 +94,26 @@ def print_summary(result: dict) -> None:
     print(f"model {result['model']}: {result['params_total']:,} parameters, {result['params_ffn']:,} in FFNs; {arch}")
     print(f"active FFN units per token: {result['active_ffn_units']} of {result['ffn_units']} "
           f"({100 * result['active_ffn_fraction']:.1f}%)")
+    if result.get("ffn_flops_per_token_infer"):
+        print(f"FFN forward FLOPs per token (all layers): inference path {result['ffn_flops_per_token_infer']:,}, "
+              f"training path {result['ffn_flops_per_token_train']:,}, dense MLP "
+              f"{result['dense_ffn_flops_per_token']:,} "
+              f"({100 * result['ffn_flops_per_token_infer'] / result['dense_ffn_flops_per_token']:.1f}% of dense "
+              f"at inference)")
     print(f"trained {result['steps']} steps, {result['tokens_seen']:,} tokens in {result['wall_s']:.1f} s")
     line = f"validation perplexity {result['val_ppl']:.2f} (loss {result['val_loss']:.4f})"
     if result.get("unigram_val_ppl"):
         line += f"; unigram perplexity of the validation text {result['unigram_val_ppl']:.2f}"
     print(line)
+    if result.get("hard_soft_gap") is not None:
+        print(f"leaf routing: hard-descent loss {result['val_loss']:.4f} vs soft-mixture loss "
+              f"{result['val_soft_loss']:.4f} (gap {result['hard_soft_gap']:+.4f})")
     if result.get("routing"):
         m = result["routing"]["mean"]
         print(f"routing (validation, mean over layers): dead nodes {100 * m['dead_frac']:.1f}%, "
               f"normalized leaf entropy {m['leaf_entropy']:.3f}")
+    if result.get("hf_dir"):
+        print(f"Hugging Face model: {result['hf_dir']} (AutoModelForCausalLM.from_pretrained after import treeffn)")
     print(f"run dir: {result['run_dir']}")
 
 

@@ -86,7 +86,8 @@ def test_dense_run_through_the_cli_with_wandb_offline(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["model=opt9000"], "model=opt9000 is not a model preset; choose one of: opt1.3b, opt125m, opt2.7b, opt350m, tiny"),
+    (["model=opt9000"], "model=opt9000 is not a model preset; choose one of: gpt2_124m, gpt2_tiny, llama_1b, llama_tiny, opt1.3b, opt125m, "
+                       "opt2.7b, opt350m, tiny"),
     (["-m", "model=tiny,opt9"], "model=opt9 is not a model preset"),
     (["tree.depht=3"], "tree.depht is not a config key; did you mean tree.depth"),
     (["tree=dense", "tree.depth=4"], "tree.depth is not a config key"),

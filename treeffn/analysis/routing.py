@@ -85,19 +85,22 @@ class LevelLogits:
     def __init__(self, layer):
         self.layer = layer
         self.sums = torch.zeros(layer.depth + 1, dtype=torch.float64)
-        self.count = 0
+        # Per level: a leaf-family layer has no logit at its leaf level, a pruned one none where a
+        # walk stopped in a removed subtree; both come back as NaN and are not counted.
+        self.counts = torch.zeros(layer.depth + 1, dtype=torch.float64)
         self.handle = layer.register_forward_hook(self._hook)
 
     @torch.no_grad()
     def _hook(self, module, inputs, output):
         x = inputs[0].reshape(-1, module.d_model)
         for piece in x.split(4096):
-            _, z = module.walk(piece.to(module.w_in.dtype))
-            self.sums += z.double().sum(dim=(0, 1)).cpu()
-            self.count += z.shape[0] * z.shape[1]
+            _, z = module.walk(piece.to(next(module.parameters()).dtype))
+            z = z.double()
+            self.sums += z.nansum(dim=(0, 1)).cpu()
+            self.counts += (~torch.isnan(z)).sum(dim=(0, 1)).cpu()
 
     def means(self) -> list[float]:
-        return (self.sums / max(1, self.count)).tolist()
+        return torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), float("nan")).tolist()
 
     def remove(self) -> None:
         self.handle.remove()

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from treeffn.layers.leaf_ffn import auxiliary_loss, leaf_layers, mean_router_entropy, routing_mode
+
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
@@ -33,6 +35,10 @@ class CausalLMModule(L.LightningModule):
         self.optim_cfg = optim_cfg
         self.max_steps = max_steps
         self.val_loss = MeanMetric()  # token-weighted, reduced across ranks
+        # Leaf-family models (tree.family=leaf) train soft and validate hard; validation also
+        # measures the soft loss so the train/eval gap (hard - soft) is logged.
+        self.has_leaf_layers = bool(leaf_layers(model))
+        self.val_soft_loss = MeanMetric()
         self.last_validation: dict | None = None
         self.train_wall_s = 0.0  # accumulated over resumes through the checkpoint
 
@@ -42,12 +48,24 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         loss = self(batch).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        if self.has_leaf_layers:
+            entropy = mean_router_entropy(self.model)  # of the forward pass just run
+            if entropy is not None:
+                self.log("train/router_entropy", entropy, batch_size=batch.shape[0])
+            hardening = auxiliary_loss(self.model)  # tree.hardening_weight * router entropy; None when 0
+            if hardening is not None:
+                self.log("train/hardening_loss", hardening.detach(), batch_size=batch.shape[0])
+                loss = loss + hardening
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int):
         loss = self(batch).loss
         # HF averages over the (block_size - 1) predicted positions of each row.
-        self.val_loss.update(loss.detach(), weight=batch.shape[0] * (batch.shape[1] - 1))
+        weight = batch.shape[0] * (batch.shape[1] - 1)
+        self.val_loss.update(loss.detach(), weight=weight)
+        if self.has_leaf_layers:  # the same batch through the soft mixture (not counted in routing stats)
+            with routing_mode(self.model, "soft", track_stats=False):
+                self.val_soft_loss.update(self(batch).loss.detach(), weight=weight)
 
     def on_validation_epoch_end(self):
         loss = float(self.val_loss.compute())
@@ -56,6 +74,12 @@ class CausalLMModule(L.LightningModule):
         self.log("val/loss", loss, sync_dist=False)
         self.log("val/ppl", ppl, prog_bar=True)
         self.last_validation = {"step": int(self.global_step), "val_loss": loss, "val_ppl": ppl}
+        if self.has_leaf_layers:
+            soft = float(self.val_soft_loss.compute())
+            self.val_soft_loss.reset()
+            self.log("val/soft_loss", soft)
+            self.log("val/hard_soft_gap", loss - soft)  # > 0: hard descent loses what the mixture had
+            self.last_validation.update(val_soft_loss=soft, hard_soft_gap=loss - soft)
 
     def configure_optimizers(self):
         o = self.optim_cfg

@@ -228,7 +228,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     t = cfg["trainer"]
     module = CausalLMModule(model, cfg["optim"], max_steps=t["max_steps"])
     tree_cfg = cfg["tree"]
-    with_stats = tree_cfg["ffn"] == "tree" and tree_cfg.get("track_stats", True) and tree_cfg.get("family", "node") == "node"
+    # Every tree family keeps node_visits in the heap layout (leaf family: routers + leaves).
+    with_stats = tree_cfg["ffn"] == "tree" and tree_cfg.get("track_stats", True)
     routing = RoutingStats(every_n_steps=tree_cfg.get("stats_every_n_steps", 50))
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
@@ -324,6 +325,15 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         "routing": routing.last or None,
         "run_dir": str(run_dir),
     }
+    if "hard_soft_gap" in val:  # leaf family: soft-mixture loss and the hard-minus-soft gap
+        result["val_soft_loss"] = val["val_soft_loss"]
+        result["hard_soft_gap"] = val["hard_soft_gap"]
+    if trainer.is_global_zero:
+        # A Hugging Face model dir: AutoModelForCausalLM.from_pretrained(<run>/hf) after `import treeffn`.
+        from treeffn.models.hf import save_hf
+
+        save_hf(module.model, data.tokenizer, run_dir / "hf")
+        result["hf_dir"] = str(run_dir / "hf")
     if guard.stop_reason:
         result["status"] = "stopped_non_finite"
         result["stop_reason"] = guard.stop_reason
