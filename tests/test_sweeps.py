@@ -234,6 +234,8 @@ def test_report_adds_reference_rows_and_qa_columns(tmp_path):
     assert report.rows[-1].stats["mean"] == pytest.approx(91.0) and report.rows[-1].stats["n"] == 3
     assert len(report.rows) == 3 * 2 + 1 and report.files["ppl_vs_depth"].exists()
 
+    plain = rp.build_report(SMOKE, runs_root=str(runs))  # no eval_metrics declared: headline metrics found
+    assert plain.qa == [("treeffn_nextverse_kjv", "acc", 0), ("treeffn_nextverse_kjv", "acc", 2)]
     qa = rp.write_report(rp.build_report("qa_eval_smoke", runs_root=str(runs)))
     assert qa.out_dir == strategies.dir / "report_qa_eval_smoke"
     assert qa.qa == [("treeffn_nextverse_kjv", "acc", 0), ("treeffn_nextverse_kjv", "acc", 2)]

@@ -70,6 +70,8 @@ def load_sweep(spec: str, runs_root: str | None = None) -> Sweep:
                               f"or the folder `treeffn train -m` wrote")
         cfg = OmegaConf.load(launched)
         meta = _container(cfg, "sweep_meta") or {}
+        if runs_root is None and path.resolve().parent.name == "sweeps":  # <runs_root>/sweeps/<folder>
+            runs_root = str(path.resolve().parent.parent)
         return _sweep_from(cfg, meta, meta.get("name") or path.name, path, runs_root, launched=True)
 
     cfg = compose_sweep(spec, runs_root)
@@ -257,8 +259,12 @@ def eval_value(point: Point, task: str, metric: str, shots: int):
     return value if isinstance(value, (int, float)) else None
 
 
+HEADLINE_METRICS = ("acc", "f1")  # lm-eval columns shown when a sweep declares no eval_metrics
+
+
 def eval_columns(sweep: Sweep, points: list[Point]) -> list[tuple[str, str, int]]:
-    """(task, metric, shots) columns: those sweep_meta.eval_metrics names, at every shot count found."""
+    """(task, metric, shots) columns: the sweep's eval_metrics (<task>:<metric>), else every task's
+    headline metric found in the runs' eval records; at every shot count found."""
     wanted = [tuple(s.split(":", 1)) for s in sweep.meta.get("eval_metrics") or [] if ":" in s]
     found = set()
     for p in points:
@@ -267,9 +273,9 @@ def eval_columns(sweep: Sweep, points: list[Point]) -> list[tuple[str, str, int]
             for shot_key, entry in by_shot.items():
                 for metric in entry.get("metrics", {}):
                     found.add((task, metric, int(shot_key.removesuffix("shot"))))
-    if wanted:
-        return [(t, m, k) for t, m in wanted for k in sorted({k for ft, fm, k in found if (ft, fm) == (t, m)})]
-    return []
+    if not wanted:
+        wanted = sorted({(t, m) for t, m, _ in found if m in HEADLINE_METRICS})
+    return [(t, m, k) for t, m in wanted for k in sorted({k for ft, fm, k in found if (ft, fm) == (t, m)})]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
