@@ -132,6 +132,12 @@ def quiet_reduced_metric_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
+def is_fsdp(trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
 def requested_processes(trainer_cfg: dict) -> int:
     """Processes per node that trainer.devices asks for (``auto``/-1: every GPU, or 1 on CPU)."""
     devices = trainer_cfg.get("devices", 1)

@@ -211,7 +211,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.models.build import accounting, build_model
     from treeffn.training.callbacks import InitialCheckpoint, RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
-    from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, launched_ranks,
+    from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
                                               make_strategy, rank_command)
     from treeffn.training.reliability import (NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits,
                                               hold_run_dir)
@@ -305,6 +305,9 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         # The result's validation numbers come from the final weights (all ranks take part).
         if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
+        # FSDP leaves each rank a shard of every weight: gather the full weights for the hf/
+        # export below now, while the ranks are connected (all take part; rank 0 receives them).
+        full_weights = trainer.strategy.lightning_module_state_dict() if is_fsdp(trainer) else None
     val = module.last_validation
     result = {
         "format": RESULT_FORMAT,
@@ -332,7 +335,11 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         # A Hugging Face model dir: AutoModelForCausalLM.from_pretrained(<run>/hf) after `import treeffn`.
         from treeffn.models.hf import save_hf
 
-        save_hf(module.model, data.tokenizer, run_dir / "hf")
+        export = module.model
+        if full_weights is not None:
+            export = build_model(cfg["model"], cfg["tree"], vocab_size=data.vocab_size, **data.special_ids())
+            export.load_state_dict({k[len("model."):]: v for k, v in full_weights.items() if k.startswith("model.")})
+        save_hf(export, data.tokenizer, run_dir / "hf")
         result["hf_dir"] = str(run_dir / "hf")
     if guard.stop_reason:
         result["status"] = "stopped_non_finite"
