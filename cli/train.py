@@ -16,7 +16,11 @@ EXIT_PREEMPTED = 3  # a signal stopped training after a checkpoint; rerun to con
 def run_name(override_dirname: str) -> str:
     """Run-dir name from the command's overrides: the same command, the same run dir."""
     name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname or "").strip("_")
-    return name[:200] or "default"
+    if len(name) > 200:  # a cut name ends in a hash of the whole, so two long commands stay apart
+        import hashlib
+
+        name = name[:187] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name or "default"
 
 
 if not OmegaConf.has_resolver("treeffn_run_name"):

@@ -24,6 +24,8 @@ class Throughput(L.Callback):
         self._t0 = self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # tokens_per_step is one optimizer step's global batch: count steps
         self._window_steps += 1
         now = time.perf_counter()
         pl_module.train_wall_s += now - self._t0
@@ -31,6 +33,9 @@ class Throughput(L.Callback):
         if self._window_steps >= trainer.log_every_n_steps:
             rate = self._window_steps * self.tokens_per_step / (now - self._window_start)
             pl_module.log("train/tokens_per_s", rate, prog_bar=True)
+            pl_module.log("train/tokens_per_s_per_device", rate / trainer.world_size)
+            if pl_module.device.type == "cuda":
+                pl_module.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
             self._window_start, self._window_steps = now, 0
 
     def on_validation_start(self, trainer, pl_module):
@@ -95,7 +100,7 @@ class RoutingStats(L.Callback):
         for i, layer in enumerate(layers):
             visits = self._reduced(trainer, pl_module, layer.node_visits).cpu()
             s = layer_summary(visits, layer.trees, layer.depth)
-            level_means = logits[i].means() if logits else []
+            level_means = self._reduced_level_means(trainer, pl_module, logits[i]) if logits else []
             for key, value in s.items():
                 pl_module.log(f"tree/layer{i}/{key}", value)
             for j, value in enumerate(level_means):
@@ -108,6 +113,34 @@ class RoutingStats(L.Callback):
             pl_module.log(f"tree/mean/{key}", value)
         self.last = {"mean": means, "layers": per_layer}
         self._restore(layers)
+
+    @staticmethod
+    def _reduced_level_means(trainer, pl_module, hook) -> list[float]:
+        """Per-level mean routing logits over the validation blocks of all ranks."""
+        if trainer.world_size == 1:
+            return hook.means()
+        sums = pl_module.all_gather(hook.sums.to(pl_module.device)).sum(0).cpu()
+        counts = pl_module.all_gather(hook.counts.to(pl_module.device)).sum(0).cpu()
+        return torch.where(counts > 0, sums / counts.clamp_min(1), float("nan")).tolist()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # Each rank counts its own tokens; the checkpoint (written by rank 0) gets the sum over
+        # ranks, and after a resume only rank 0 starts from it (on_train_start): the training
+        # window that spans the checkpoint is counted once, on any device count.
+        if trainer.world_size == 1:
+            return
+        state = checkpoint.get("state_dict") or {}
+        for name, visits in pl_module.named_buffers():
+            if name.endswith("node_visits"):
+                total = pl_module.all_gather(visits).sum(0)
+                key = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+                if key in state:  # FSDP gives the other ranks an empty state dict
+                    state[key] = total.cpu()
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.world_size > 1 and trainer.global_rank != 0 and trainer.global_step > 0:
+            for layer in tree_layers(pl_module):
+                layer.node_visits.zero_()
 
     def _restore(self, layers):
         if self._stash is not None:
@@ -136,5 +169,7 @@ class InitialCheckpoint(L.Callback):
         self.path = path
 
     def on_train_start(self, trainer, pl_module):
-        if trainer.global_step == 0 and not self.path.exists():
+        # Rank 0 decides: every rank must call save_checkpoint (it ends in a barrier), and the
+        # others could see the file rank 0 has just written.
+        if trainer.global_step == 0 and trainer.strategy.broadcast(not self.path.exists()):
             trainer.save_checkpoint(str(self.path))

@@ -19,12 +19,32 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (linear, tree node tables, embeddings) decay; biases and norm weights do not."""
+# Name pieces FSDP (and its activation checkpointing) insert into parameter names.
+WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    for piece in WRAPPER_NAMES:
+        name = name.replace(piece, "")
+    return name
+
+
+def matrix_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that are matrices (ndim >= 2), read before any wrapping."""
+    return {n for n, p in model.named_parameters() if p.ndim >= 2}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, matrices: set[str] | None = None) -> list[dict]:
+    """Matrices (linear, tree node tables, embeddings) decay; biases and norm weights do not.
+
+    ``matrices``: names from ``matrix_names`` before wrapping. FSDP (use_orig_params) shows a
+    sharded parameter as a flat 1-D piece, so its shape no longer says what it is.
+    """
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            is_matrix = unwrapped_name(name) in matrices if matrices is not None else p.ndim >= 2
+            (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -32,6 +52,7 @@ class CausalLMModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optim_cfg: dict, max_steps: int):
         super().__init__()
         self.model = model
+        self.matrices = matrix_names(model)  # before a strategy wraps (and maybe flattens) it
         self.optim_cfg = optim_cfg
         self.max_steps = max_steps
         self.val_loss = MeanMetric()  # token-weighted, reduced across ranks
@@ -40,6 +61,7 @@ class CausalLMModule(L.LightningModule):
         self.has_leaf_layers = bool(leaf_layers(model))
         self.val_soft_loss = MeanMetric()
         self.last_validation: dict | None = None
+        self._micro_losses: list[torch.Tensor] = []  # this optimizer step's so far
         self.train_wall_s = 0.0  # accumulated over resumes through the checkpoint
 
     def forward(self, input_ids: torch.Tensor):
@@ -47,7 +69,13 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        self._micro_losses.append(loss.detach())
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            # The loss of the optimizer step's whole global batch: the mean over its micro-batches
+            # (equal in size) and over ranks, the same number on any device count.
+            step_loss = torch.stack(self._micro_losses).mean()
+            self._micro_losses = []
+            self.log("train/loss", step_loss, prog_bar=True, sync_dist=True)
         if self.has_leaf_layers:
             entropy = mean_router_entropy(self.model)  # of the forward pass just run
             if entropy is not None:
@@ -84,7 +112,7 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim_cfg
         opt = torch.optim.AdamW(
-            parameter_groups(self.model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"]
+            parameter_groups(self.model, o["weight_decay"], self.matrices), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"]
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], self.max_steps, o["min_lr_ratio"])

@@ -60,6 +60,8 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
+        # Every rank must decide alike: under FSDP each one sees only its shard's gradients.
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             self.streak = 0
             return
@@ -99,8 +101,13 @@ class Preemption(L.Callback):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.received is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
+        # A signal may reach one rank only (kill, Ctrl-C): all ranks stop together, or rank 0
+        # would wait in the checkpoint's barrier for ranks that trained on.
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        self.received = self.received or "a signal to another rank"
         trainer.save_checkpoint(str(self.last_ckpt))
         trainer.should_stop = True
 
