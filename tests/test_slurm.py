@@ -111,7 +111,7 @@ def test_kill_one_job_report_it_failed_then_rerun_fills_it_in(launcher, request,
     else:
         if not slurm_cluster.unavailable() and not os.environ.get("TREEFFN_TEST_LOCAL_PARALLEL"):
             pytest.skip("Slurm is here: the slurm variant covers this (TREEFFN_TEST_LOCAL_PARALLEL=1 runs it too)")
-        env, args = dict(os.environ), LOCAL_PARALLEL
+        env, args = {**os.environ, "OMP_NUM_THREADS": "1"}, LOCAL_PARALLEL  # 9 jobs at once on few cores
     env["TREEFFN_CACHE"] = str(cache_dir)
     sweep_dir = tmp_path / "runs" / "sweeps" / SMOKE
     started = time.monotonic()

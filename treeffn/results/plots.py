@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 
 
 def make_plots(report) -> dict[str, Path]:
@@ -69,6 +70,7 @@ def plot_vs_depth(report, rows, path: Path) -> Path:
             ax.axhline(s["mean"], linestyle="--", color="black", linewidth=1, label=label)
             if s["std"]:
                 ax.axhspan(s["mean"] - s["std"], s["mean"] + s["std"], color="black", alpha=0.08)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # depths are whole numbers
     ax.set_xlabel("tree depth D (levels below the root; a token visits D+1 nodes per tree)")
     ax.set_ylabel(f"{report.metric} (mean ± std over seeds)")
     ax.set_title(f"{report.sweep.name}: {report.metric} vs depth")

@@ -334,7 +334,7 @@ def build_report(spec: str, runs_root: str | None = None, metric: str | None = N
     factors, seed_key = factors_of(sweep)
     points = collect_points(sweep)
     rows = group_rows(points, factors) + reference_rows(sweep, factors)
-    qa = eval_columns(sweep, [p for r in rows for p in r.points])
+    qa = eval_columns(sweep, points)  # the sweep's own runs decide which lm-eval columns there are
     for row in rows:
         row.stats = row_stats(row, metric, seed_key, qa)
     default_out = sweep.dir / ("report" if sweep.meta.get("runs", sweep.name) == sweep.name else f"report_{sweep.name}")
