@@ -66,9 +66,12 @@ def test_every_sweep_composes_and_declares_its_table(name):
     assert set(factors) <= grid_keys and factors == meta["factors"]
     assert seed_key in grid_keys or seed_key in cfg  # swept, or one fixed seed
 
-    # The declared token budget is what the config trains: steps x sequences x tokens x accumulation x GPUs.
+    # The declared token budget is what the config trains: steps x tokens per step, where a step is
+    # optim.global_batch_tokens or sequences x tokens x accumulation x devices x nodes.
     t, d = cfg.trainer, cfg.data
-    assert t.max_steps * d.batch_size * d.block_size * t.accumulate_grad_batches * t.devices == meta["token_budget"]
+    per_step = cfg.optim.get("global_batch_tokens") or (
+        d.batch_size * d.block_size * t.accumulate_grad_batches * t.devices * t.get("num_nodes", 1))
+    assert t.max_steps * per_step == meta["token_budget"]
 
     if name.endswith("_smoke"):
         full = OmegaConf.to_container(compose(meta["smoke_of"]).sweep_meta, resolve=False)
