@@ -75,12 +75,9 @@ def quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning's own use of a torch API
     logging.getLogger("lightning.pytorch").propagate = False
     logging.getLogger("lightning.fabric").propagate = False
-    try:
-        import datasets
+    import os
 
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported, if ever
 
 
 def print_summary(result: dict) -> None:

@@ -254,6 +254,13 @@ def test_scale_out_settings_are_checked(cache_dir, override, fragment):
         validate_train_config(both)
 
 
+def test_fsdp_on_cpus_is_refused_with_the_alternative(cache_dir):
+    from treeffn.config import validate_train_config
+
+    with pytest.raises(ConfigError, match="FSDP runs on GPUs only .on CPUs use trainer=ddp"):
+        validate_train_config(make_cfg(cache_dir, "trainer=fsdp", "trainer.accelerator=cpu"))
+
+
 def test_global_batches_do_not_depend_on_the_split():
     from treeffn.data.sampler import ResumableBatchSampler
 

@@ -212,7 +212,7 @@ def test_hostile_input_fails_before_training_and_overwrites_nothing(hostile, arg
 
 def test_a_run_dir_in_use_is_refused(tmp_path):
     from treeffn.config import ConfigError
-    from treeffn.training.reliability import hold_run_dir, release_run_dir
+    from treeffn.training.run_lock import hold_run_dir, release_run_dir
 
     code = ("import fcntl, sys, time\n"
             f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush()\n"

@@ -197,6 +197,9 @@ def validate_scale_out(trainer: dict, optim: dict) -> None:
             raise ConfigError(f"optim.global_batch_tokens={tokens} derives the gradient accumulation itself; "
                               f"drop trainer.accumulate_grad_batches={trainer['accumulate_grad_batches']} or set "
                               f"optim.global_batch_tokens=null")
+    if trainer.get("strategy") == "fsdp" and trainer.get("accelerator") == "cpu":
+        raise ConfigError("trainer.strategy=fsdp with trainer.accelerator=cpu is not allowed; Lightning's FSDP runs "
+                          "on GPUs only (on CPUs use trainer=ddp)")
     fsdp = trainer.get("fsdp") or {}
     if "sharding_strategy" in fsdp:
         _allowed("trainer.fsdp.sharding_strategy", fsdp["sharding_strategy"], FSDP_SHARDING)

@@ -154,9 +154,10 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     Every started run also appends its outcome to ``<run dir>/../index.jsonl`` (finished,
     preempted or failed with its error), so a sweep's index shows every job.
     """
+    validate_train_config(cfg)  # bad settings fail here, before torch and Lightning are imported
     from treeffn.results.index import INDEX_FILE, append_record
-    from treeffn.training.reliability import release_run_dir
     from treeffn.training.distributed import is_global_zero
+    from treeffn.training.run_lock import release_run_dir
 
     run_dir = Path(run_dir)
     index = run_dir.parent / INDEX_FILE
@@ -213,8 +214,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.training.lm_module import CausalLMModule
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
                                               make_strategy, rank_command)
-    from treeffn.training.reliability import (NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits,
-                                              hold_run_dir)
+    from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
+    from treeffn.training.run_lock import hold_run_dir
 
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
