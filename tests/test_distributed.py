@@ -325,6 +325,49 @@ def test_fsdp_units_are_the_decoder_layers(cache_dir):
         dist.destroy_process_group()
 
 
+def test_gradient_clipping_under_fsdp_uses_the_global_norm(cache_dir):
+    """Lightning's FSDP precision plugin refuses clipping by norm (seen on two H200s), so
+    CausalLMModule clips through FSDP's own clip_grad_norm_. Checked here with torch's FSDP in one
+    CPU process (Lightning runs FSDP on GPUs only, so the trainer is a stand-in holding the
+    wrapped model): the clipped gradients equal those of the unwrapped model clipped by
+    torch.nn.utils.clip_grad_norm_, in float64."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from treeffn.models.build import build_model
+    from treeffn.training.distributed import fsdp_units
+    from treeffn.training.lm_module import CausalLMModule, unwrapped_name
+
+    cfg = make_cfg(cache_dir, "tree.depth=2", "model.num_hidden_layers=2", "model.dropout=0")
+    model = build_model(cfg["model"], cfg["tree"], vocab_size=64, pad_id=1, bos_id=0, eos_id=0).double()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 16))
+    reference(input_ids=ids, labels=ids).loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
+    max_norm = float(norm) / 3  # clipping must act
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(fsdp_units(model)), use_orig_params=True,
+                       device_id=torch.device("cpu"))
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        module = CausalLMModule(model, cfg["optim"], max_steps=10)
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped))
+        module.configure_gradient_clipping(None, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        with FSDP.summon_full_params(wrapped, with_grads=True):
+            clipped = {unwrapped_name(name): param for name, param in wrapped.named_parameters()}
+            for name, param in reference.named_parameters():
+                torch.testing.assert_close(clipped[name].grad, param.grad, rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
 def read_metrics(run_dir):
     import csv
 

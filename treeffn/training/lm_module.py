@@ -119,6 +119,18 @@ class CausalLMModule(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by the global norm, under FSDP too: Lightning's FSDP precision plugin refuses
+        norm clipping, so a sharded model uses FSDP's own clip_grad_norm_, whose norm is taken
+        over every rank's shard (the same number an unsharded model would clip by)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(wrapped, FSDP):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["treeffn"] = {"train_wall_s": self.train_wall_s}
 
