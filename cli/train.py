@@ -52,7 +52,10 @@ def main(cfg: DictConfig) -> float | None:
         remove_if_empty(run_dir)  # Hydra made the folder; a refused command leaves nothing behind
         sys.exit(EXIT_BAD_INPUT)
     except Preempted as e:
+        from treeffn.training.reliability import pass_on_signal
+
         print(f"treeffn train: stopped: {e}", file=sys.stderr)
+        pass_on_signal(e.signal_name)  # under submitit: its SIGUSR2 handler requeues the job and exits
         sys.exit(EXIT_PREEMPTED)
     print_summary(result)
     return result["val_loss"]

@@ -64,7 +64,7 @@ def test_multirun_runs_one_job_per_placement(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_opt125m_preset_runs_two_steps_and_reports_active_fraction(tmp_path, cache_dir):
-    out = run_cli(["train", "model=opt125m", "tree.depth=6", "trainer.max_steps=2", "data.block_size=128",
+    out = run_cli(["train", "model=opt125m", "tree.depth=6", "trainer.max_steps=2", "data.block_size=32", "data.batch_size=2",
                    "trainer.limit_val_batches=2", "logger=csv", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "active FFN units per token: 168 of 3048 (5.5%)" in out.stdout

@@ -86,6 +86,35 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     assert result["steps"] == 30 and result["tokens_seen"] == 30 * 8 * 32
 
 
+# A launcher that owns SIGUSR2, as submitit does (its handler requeues the job and exits).
+LAUNCHER = """
+import pathlib, signal, sys
+marker = pathlib.Path(sys.argv[1])
+def requeue(signum, frame):
+    marker.write_text("requeued")
+    sys.exit(0)
+signal.signal(signal.SIGUSR2, requeue)
+from treeffn.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigusr2_saves_then_goes_to_the_launchers_handler(tmp_path, cache_dir):
+    run, marker = tmp_path / "run", tmp_path / "requeued.txt"
+    args = ["train", *EXACT, "trainer.max_steps=40", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(marker), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any((run / "checkpoints").glob("step*.ckpt")), proc)
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and marker.read_text() == "requeued", stderr[-2000:]  # the launcher's exit
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "preempted" and result["signal"] == "SIGUSR2"
+    _, saved_step = model_state(run)
+    assert saved_step == result["steps"] and 5 <= saved_step < 40  # last.ckpt holds the step it stopped at
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_saves_and_the_rerun_continues(tmp_path, cache_dir, sig):
@@ -212,7 +241,7 @@ def test_hostile_input_fails_before_training_and_overwrites_nothing(hostile, arg
 
 def test_a_run_dir_in_use_is_refused(tmp_path):
     from treeffn.config import ConfigError
-    from treeffn.training.run_lock import hold_run_dir, release_run_dir
+    from treeffn.training.run_files import hold_run_dir, release_run_dir
 
     code = ("import fcntl, sys, time\n"
             f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush()\n"

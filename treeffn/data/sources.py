@@ -45,8 +45,35 @@ def expand_paths(spec: str, field: str) -> list[Path]:
     return files
 
 
+# Files already found readable in this process, by (path, size, mtime): a run checks its inputs
+# before the heavy imports and reads them again to tokenize, without scanning them twice.
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def check_inputs(data: dict) -> None:
+    """The data settings' files and folders, checked before anything heavy is imported."""
+    if data.get("source") == "files":
+        expand_paths(data.get("path"), "data.path")
+        if data.get("val_path") not in (None, ""):
+            expand_paths(data["val_path"], "data.val_path")
+    spec = data.get("tokenizer", "embedded")
+    if spec != "embedded":
+        path = Path(str(spec)).expanduser()
+        if path.is_dir() and not any(path.glob("tokenizer*.json")) and not any(path.glob("vocab*")):
+            raise DataError(f"data.tokenizer={spec}: folder has no tokenizer files (tokenizer.json or vocab/merges)")
+
+
 def check_text_file(path: Path, field: str) -> None:
     """Refuse unsupported, empty, binary or non-UTF-8 files with one line that says which."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED:
+        return
+    _check_text_file(path, field)
+    _CHECKED.add(key)
+
+
+def _check_text_file(path: Path, field: str) -> None:
     suffix = path.suffix.lower()
     if suffix not in SUFFIX_BUILDERS:
         raise DataError(f"{field}: {path} has suffix {suffix or '(none)'!r}; allowed: {', '.join(SUFFIX_BUILDERS)}")

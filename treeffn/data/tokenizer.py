@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from treeffn.data.sources import DataError
+from treeffn.data.sources import DataError, check_inputs
 
 
 def load_tokenizer(spec: str):
@@ -21,8 +21,7 @@ def load_tokenizer(spec: str):
             bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<pad>",
         )
     path = Path(spec).expanduser()
-    if path.is_dir() and not any(path.glob("tokenizer*.json")) and not any(path.glob("vocab*")):
-        raise DataError(f"data.tokenizer={spec}: folder has no tokenizer files (tokenizer.json or vocab/merges)")
+    check_inputs({"tokenizer": spec})  # a folder without tokenizer files: one line
     try:
         tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
     except Exception as e:

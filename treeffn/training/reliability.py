@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import signal
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -83,10 +82,12 @@ class NonFiniteGuard(L.Callback):
 
 
 class Preemption(L.Callback):
-    """On SIGTERM or SIGUSR1 (what Slurm sends before a time limit or a preemption) finish the
-    current step, save ``last.ckpt`` and stop; rerunning the same command continues the run."""
+    """On SIGTERM, SIGUSR1 or SIGUSR2 (what Slurm or submitit's launcher sends before a time
+    limit or a preemption) finish the current step, save ``last.ckpt`` and stop; rerunning the
+    same command continues the run. ``pass_on_signal`` then hands SIGUSR2 to the handler that
+    was there before (submitit's, which requeues the job)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, last_ckpt: Path):
         self.last_ckpt = Path(last_ckpt)
@@ -117,32 +118,18 @@ class Preemption(L.Callback):
         self._previous.clear()
 
 
-def checkpoint_is_readable(path: Path) -> bool:
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return True
-    except Exception:
-        return False
+def pass_on_signal(signal_name: str | None) -> None:
+    """After a clean stop on SIGUSR2, raise it again for the handler Preemption restored.
 
-
-def step_checkpoints(folder: Path) -> list[Path]:
-    """Periodic checkpoints, newest first."""
-    return sorted(folder.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-
-
-def pick_resume_checkpoint(folder: Path) -> Path | None:
-    """``last.ckpt``, or, when it cannot be read, the newest readable step checkpoint (with a warning)."""
-    candidates = [folder / "last.ckpt", *step_checkpoints(folder)]
-    candidates = [p for p in candidates if p.exists()]
-    for i, path in enumerate(candidates):
-        if checkpoint_is_readable(path):
-            if i:
-                warnings.warn(f"{candidates[0]} could not be read (corrupted or truncated); resuming from {path}")
-            return path
-    if candidates:
-        raise ConfigError(f"no checkpoint in {folder} can be read (all corrupted or truncated); "
-                          f"pass resume=never with a new hydra.run.dir to start over")
-    return None
+    Under Hydra's submitit launcher that handler requeues the job and exits, so a run that hit
+    its time limit comes back as the same command and continues from the ``last.ckpt`` just
+    saved, instead of from the last periodic checkpoint. Without such a handler (SIGUSR2 left at
+    its default, which would kill the process) nothing is raised."""
+    if signal_name != "SIGUSR2":
+        return
+    handler = signal.getsignal(signal.SIGUSR2)
+    if callable(handler):
+        signal.raise_signal(signal.SIGUSR2)
 
 
 def check_checkpoint_fits(path: Path, model: torch.nn.Module) -> None:

@@ -22,13 +22,17 @@ from treeffn.results.record import RESULT_FORMAT, environment_snapshot, write_js
 class Preempted(RuntimeError):
     """The run stopped on a signal after saving a checkpoint; the same command continues it."""
 
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        self.signal_name = signal_name
+
 
 # Keys whose change makes a different experiment: resuming across them is refused.
 IDENTITY_KEYS = ("model", "tree", "data", "seed")
 
 
 def find_resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
-    from treeffn.training.reliability import pick_resume_checkpoint
+    from treeffn.training.run_files import pick_resume_checkpoint
 
     folder = run_dir / "checkpoints"
     resume = cfg["resume"]
@@ -156,20 +160,23 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     """
     validate_train_config(cfg)  # bad settings fail here, before torch and Lightning are imported
     from treeffn.results.index import INDEX_FILE, append_record
-    from treeffn.training.distributed import is_global_zero
-    from treeffn.training.run_lock import release_run_dir
+    from treeffn.training.run_files import release_run_dir
 
     run_dir = Path(run_dir)
     index = run_dir.parent / INDEX_FILE
     try:
         result = _train(cfg, run_dir, command)
     except ConfigError:
-        raise  # bad input: nothing ran, nothing is recorded
+        raise  # bad input: nothing ran, nothing is recorded (and Lightning need not be imported)
     except Preempted as e:
+        from treeffn.training.distributed import is_global_zero
+
         if is_global_zero():  # one record per run, whatever the number of ranks
             append_record(index, {"run_dir": str(run_dir), "status": "preempted", "error": str(e)})
         raise
     except BaseException as e:
+        from treeffn.training.distributed import is_global_zero
+
         if is_global_zero():
             error = f"{type(e).__name__}: {e}".strip()
             write_json_atomic(run_dir / "result.json", {"format": RESULT_FORMAT, "status": "failed", "error": error,
@@ -178,6 +185,8 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
         raise
     finally:
         release_run_dir(run_dir)
+    from treeffn.training.distributed import is_global_zero
+
     if not is_global_zero():
         return result  # the other ranks trained; rank 0 records and evaluates
     append_record(index, {k: result.get(k) for k in ("run_dir", "status", "val_loss", "val_ppl", "steps",
@@ -203,6 +212,9 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     ckpt = find_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_same_experiment(cfg, run_dir)
+    from treeffn.data.sources import check_inputs
+
+    check_inputs(cfg["data"])  # missing, empty, binary or non-UTF-8 files: refused before the heavy imports
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -215,7 +227,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
                                               make_strategy, rank_command)
     from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
-    from treeffn.training.run_lock import hold_run_dir
+    from treeffn.training.run_files import hold_run_dir
 
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -301,7 +313,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
             if rank_zero:
                 write_json_atomic(run_dir / "result.json", result)
             raise Preempted(f"received {preemption.received} at step {trainer.global_step}; checkpoint saved in "
-                            f"{run_dir / 'checkpoints' / 'last.ckpt'}; rerun the same command to continue")
+                            f"{run_dir / 'checkpoints' / 'last.ckpt'}; rerun the same command to continue",
+                            signal_name=preemption.received)
 
         # The result's validation numbers come from the final weights (all ranks take part).
         if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
