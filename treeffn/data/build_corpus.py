@@ -5,11 +5,12 @@ Sources, all English and all under licences that allow redistribution:
 - the embedded public-domain texts of this package (Shakespeare's works, the King James Bible);
 - HTML documentation from Debian packages, reduced to plain text with the standard library:
   ``python3-doc`` (Python 3.11 docs, PSF licence), ``postgresql-doc-15`` (PostgreSQL licence),
-  ``python-django-doc`` (Django docs, BSD-3-Clause), ``python-sqlalchemy-doc`` (MIT).
+  ``python-django-doc`` (Django docs, BSD-3-Clause), ``python-sqlalchemy-doc`` (MIT),
+  ``python-scipy-doc``, ``python-sklearn-doc``, ``python-sympy-doc`` (all BSD-3-Clause).
   Install them first:
 
       apt-get install -y --no-install-recommends python3-doc postgresql-doc-15 \\
-          python-django-doc python-sqlalchemy-doc
+          python-django-doc python-sqlalchemy-doc python-scipy-doc python-sklearn-doc python-sympy-doc
       python -m treeffn.data.build_corpus --out .corpus
 
 One HTML page (or one embedded work / Bible book) is one document. The validation split is
@@ -56,6 +57,15 @@ DOC_SOURCES = {
     "python-sqlalchemy-doc": ("/usr/share/doc/python-sqlalchemy-doc/html",
                               "SQLAlchemy documentation, (c) the SQLAlchemy authors and contributors; "
                               "MIT (Expat) licence; Debian package python-sqlalchemy-doc"),
+    "python-scipy-doc": ("/usr/share/doc/python-scipy-doc/html",
+                         "SciPy 1.10 documentation, (c) 2003-2019 SciPy Developers and others; BSD-3-Clause; "
+                         "Debian package python-scipy-doc"),
+    "python-sklearn-doc": ("/usr/share/doc/python-sklearn-doc/html",
+                           "scikit-learn 1.2 documentation, (c) 2007-2019 scikit-learn developers and others; "
+                           "BSD-3-Clause; Debian package python-sklearn-doc"),
+    "python-sympy-doc": ("/usr/share/doc/python-sympy-doc/html",
+                         "SymPy 1.11 documentation, (c) 2006-2014 SymPy Development Team and others; "
+                         "BSD-3-Clause; Debian package python-sympy-doc"),
 }
 
 # Pages that are indexes, search pages or licence texts: lists of links, not prose.
