@@ -6,11 +6,13 @@ Sources, all English and all under licences that allow redistribution:
 - HTML documentation from Debian packages, reduced to plain text with the standard library:
   ``python3-doc`` (Python 3.11 docs, PSF licence), ``postgresql-doc-15`` (PostgreSQL licence),
   ``python-django-doc`` (Django docs, BSD-3-Clause), ``python-sqlalchemy-doc`` (MIT),
-  ``python-scipy-doc``, ``python-sklearn-doc``, ``python-sympy-doc`` (all BSD-3-Clause).
+  ``python-scipy-doc``, ``python-sklearn-doc``, ``python-sympy-doc``, ``python-pandas-doc``,
+  ``python-astropy-doc`` (all BSD-3-Clause).
   Install them first:
 
       apt-get install -y --no-install-recommends python3-doc postgresql-doc-15 \\
-          python-django-doc python-sqlalchemy-doc python-scipy-doc python-sklearn-doc python-sympy-doc
+          python-django-doc python-sqlalchemy-doc python-scipy-doc python-sklearn-doc python-sympy-doc \\
+          python-pandas-doc python-astropy-doc
       python -m treeffn.data.build_corpus --out .corpus
 
 One HTML page (or one embedded work / Bible book) is one document. The validation split is
@@ -66,6 +68,13 @@ DOC_SOURCES = {
     "python-sympy-doc": ("/usr/share/doc/python-sympy-doc/html",
                          "SymPy 1.11 documentation, (c) 2006-2014 SymPy Development Team and others; "
                          "BSD-3-Clause; Debian package python-sympy-doc"),
+    "python-pandas-doc": ("/usr/share/doc/python-pandas-doc/html",
+                          "pandas 1.5 documentation, (c) 2008-2023 AQR Capital Management, LLC, Lambda Foundry, "
+                          "Inc., PyData Development Team and contributors; BSD-3-Clause; Debian package "
+                          "python-pandas-doc"),
+    "python-astropy-doc": ("/usr/share/doc/python-astropy-doc/html",
+                           "Astropy 5.2 documentation, (c) 2011-2017 Astropy Developers and others; BSD-3-Clause; "
+                           "Debian package python-astropy-doc"),
 }
 
 # Pages that are indexes, search pages or licence texts: lists of links, not prose.
