@@ -173,31 +173,46 @@ def step_throughput(cfg: dict, vocab: int, dev, batch: int, seq: int, steps: int
     return out
 
 
-def decode_speed(cfg: dict, vocab: int, dev, batches: list[int], prompt: int, new: int) -> dict:
+def decode_speed(cfgs: dict, vocab: int, dev, batches: list[int], prompt: int, new: int, reps: int = 3) -> dict:
+    """generate() tokens/s of each model in ``cfgs`` ({name: composed config}).
+
+    All models are built first and timed in alternating order (dense, tree, tree, dense, ...)
+    over ``reps`` rounds, so a clock ramp or a neighbour's load does not land on one model
+    only; each result is the median round, with every round's time kept.
+    """
     import torch
 
-    model, acct = build(cfg, vocab, dev)
-    model.eval()
-    if dev.type == "cuda":
-        model.to(torch.bfloat16)
+    models, out = {}, {}
+    for name, cfg in cfgs.items():
+        model, acct = build(cfg, vocab, dev)
+        model.eval()
+        if dev.type == "cuda":
+            model.to(torch.bfloat16)
+        models[name] = model
+        out[name] = {"params_total": acct.params_total, "active_ffn_fraction": acct.active_ffn_fraction,
+                     "prompt_tokens": prompt, "new_tokens": new, "dtype": str(next(model.parameters()).dtype)}
     g = torch.Generator().manual_seed(1)
-    out = {"params_total": acct.params_total, "active_ffn_fraction": acct.active_ffn_fraction,
-           "prompt_tokens": prompt, "new_tokens": new, "dtype": str(next(model.parameters()).dtype)}
-    with torch.no_grad():
+    kw = dict(do_sample=False, pad_token_id=1, eos_token_id=None)
+    with torch.inference_mode():
         for b in batches:
-            reset_peak(dev)
             x = torch.randint(3, vocab, (b, prompt), generator=g).to(dev)
-            kw = dict(do_sample=False, pad_token_id=1, eos_token_id=None)
-            model.generate(input_ids=x, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-            sync(dev)
-            t0 = time.perf_counter()
-            y = model.generate(input_ids=x, max_new_tokens=new, min_new_tokens=new, **kw)
-            sync(dev)
-            dt = time.perf_counter() - t0
-            made = (y.shape[1] - prompt) * b
-            out[f"batch{b}"] = {"tokens_per_s": round(made / dt, 1), "ms_per_step": round(1000 * dt / new, 3),
-                                "wall_s": round(dt, 3), "peak_mem_gib": peak_gib(dev)}
-    del model
+            for model in models.values():
+                model.generate(input_ids=x, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+            times: dict[str, list[float]] = {name: [] for name in models}
+            names = list(models)
+            for r in range(reps):
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    y = models[name].generate(input_ids=x, max_new_tokens=new, min_new_tokens=new, **kw)
+                    sync(dev)
+                    times[name].append(time.perf_counter() - t0)
+                    assert y.shape[1] - prompt == new
+            for name in models:
+                dt = statistics.median(times[name])
+                out[name][f"batch{b}"] = {"tokens_per_s": round(new * b / dt, 1), "ms_per_step": round(1000 * dt / new, 3),
+                                          "wall_s_each_round": [round(t, 3) for t in times[name]]}
+    del models
     reset_peak(dev)
     return out
 
@@ -485,16 +500,15 @@ def main() -> int:
 
     # ---- 6. decode
     dec = {}
-    for v in ([] if "decode" in skip else ["dense", "node"]):
-        if left() < (10 if args.smoke else 40):
-            summary["skipped"].append(f"decode {v}: out of time")
-            continue
+    if "decode" not in skip and left() < (20 if args.smoke else 80):
+        summary["skipped"].append("decode: out of time")
+    elif "decode" not in skip:
         try:
-            cfg = compose(model_overrides(big, v, args.smoke) + ["logger=csv"])
-            dec[v] = decode_speed(cfg, big_vocab, dev, [1, 32], prompt=32, new=16 if args.smoke else 128)
-            log(f"decode {big} {v}: {dec[v]}")
+            cfgs = {v: compose(model_overrides(big, v, args.smoke) + ["logger=csv"]) for v in ("dense", "node")}
+            dec = decode_speed(cfgs, big_vocab, dev, [1, 32], prompt=32, new=16 if args.smoke else 128)
+            log(f"decode {big}: {dec}")
         except Exception as e:
-            summary["errors"][f"decode_{v}"] = f"{type(e).__name__}: {e}"
+            summary["errors"]["decode"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
     summary["decode_opt1.3b"] = dec
     save()
