@@ -217,38 +217,6 @@ def decode_speed(cfgs: dict, vocab: int, dev, batches: list[int], prompt: int, n
     return out
 
 
-def analyse_on_device(run_dir: Path, dev, max_blocks: int) -> dict:
-    """treeffn analyze's analysis, with the forward passes on `dev` (same statistics and plots)."""
-    from treeffn.analysis.analyze import (BALANCED_AT_LEAST, COLLAPSED_BELOW, analyse_checkpoint,
-                                          held_out_blocks, logged_curves, make_plots, run_checkpoints)
-    from treeffn.models.load import load_from_run, read_run_config
-    from treeffn.results.record import write_json_atomic
-
-    cfg = read_run_config(run_dir)
-    blocks = held_out_blocks(cfg, "validation", max_blocks).to(dev)
-    series = []
-    for path in run_checkpoints(run_dir):
-        loaded = load_from_run(run_dir, path)
-        stats = analyse_checkpoint(loaded.model.to(dev), blocks)
-        series.append({"checkpoint": str(path), "step": loaded.step, **stats})
-        del loaded
-    analysis = {
-        "run_dir": str(run_dir), "text": "validation", "tokens": int(blocks.numel()), "device": str(dev),
-        "thresholds": {"balanced_if_leaf_entropy_at_least": BALANCED_AT_LEAST,
-                       "collapsed_if_leaf_entropy_below": COLLAPSED_BELOW},
-        "tree": cfg["tree"],
-        "checkpoints": [{k: v for k, v in s.items() if k != "layers"} |
-                        {"layers": [{k: v for k, v in layer.items() if k != "leaf_usage"} for layer in s["layers"]]}
-                        for s in series],
-        "final": series[-1]["layers"],
-    }
-    out_dir = run_dir / "analysis"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "analysis.json", analysis)
-    analysis["plots"] = make_plots(series, logged_curves(run_dir), out_dir)
-    return analysis
-
-
 def pruning_summary(analysis: dict) -> dict:
     """Per-checkpoint means over layers: leaf entropy, dead nodes, leaves used; final verdicts."""
     rows = []
@@ -464,8 +432,10 @@ def main() -> int:
             summary["skipped"].append(f"analysis {v}: out of time")
             continue
         try:
+            from treeffn.analysis.analyze import analyse_run
+
             t0 = time.perf_counter()
-            analysis = analyse_on_device(run_dir, dev, max_blocks=16 if args.smoke else 64)
+            analysis = analyse_run(run_dir, max_blocks=16 if args.smoke else 64, device=dev)
             pruning[v] = pruning_summary(analysis)
             pruning[v]["analysis_s"] = round(time.perf_counter() - t0, 1)
             log(f"analysis {v}: {pruning[v]['per_checkpoint']} verdicts {pruning[v]['final_verdicts']}")

@@ -105,7 +105,9 @@ def logged_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in curves.items()}
 
 
-def analyse_run(run_dir: Path, text: str = "validation", max_blocks: int = 64, out_dir: Path | None = None) -> dict:
+def analyse_run(run_dir: Path, text: str = "validation", max_blocks: int = 64, out_dir: Path | None = None,
+                device: str = "cpu") -> dict:
+    """Routing statistics of every checkpoint of a run; the forward passes run on ``device``."""
     from treeffn.models.load import load_from_run, read_run_config
 
     run_dir = Path(run_dir)
@@ -119,17 +121,19 @@ def analyse_run(run_dir: Path, text: str = "validation", max_blocks: int = 64, o
     ckpts = run_checkpoints(run_dir)
     if not ckpts:
         raise FileNotFoundError(f"run {run_dir} has no checkpoints to analyse")
-    blocks = held_out_blocks(cfg, text, max_blocks)
+    blocks = held_out_blocks(cfg, text, max_blocks).to(device)
     series = []
     for path in ckpts:
         loaded = load_from_run(run_dir, path)
-        stats = analyse_checkpoint(loaded.model, blocks)
+        stats = analyse_checkpoint(loaded.model.to(device), blocks)
         series.append({"checkpoint": str(path), "step": loaded.step, **stats})
+        del loaded  # one model in memory at a time
     final = series[-1]
     analysis = {
         "run_dir": str(run_dir),
         "text": text,
         "tokens": int(blocks.numel()),
+        "device": str(device),
         "thresholds": {"balanced_if_leaf_entropy_at_least": BALANCED_AT_LEAST,
                        "collapsed_if_leaf_entropy_below": COLLAPSED_BELOW},
         "tree": cfg["tree"],
