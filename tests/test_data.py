@@ -107,3 +107,35 @@ def test_pretokenized_streams_pack_like_text(tmp_path):
     dm.setup()
     assert dm.train_set.shape == (199 // 16, 16) and dm.val_set.shape == (60 // 16, 16)
     assert dm.train_set.flatten().tolist() == train_ids[: 12 * 16].tolist()
+
+
+def _materialize_after(barrier, out_dir: str) -> None:
+    from pathlib import Path
+
+    from treeffn.data.corpus import materialize_split
+
+    barrier.wait()  # every process checks and writes at about the same moment
+    materialize_split("shakespeare", "train", Path(out_dir))
+
+
+def test_jobs_filling_one_cache_at_once_do_not_trip_over_each_other(tmp_path):
+    """A sweep's parallel jobs on a fresh machine write the same embedded split into one cache;
+    each must finish, and the file must be whole. (A temporary name shared by all writers lost
+    this race on the local Slurm cluster: FileNotFoundError on the rename.)"""
+    import multiprocessing
+
+    from treeffn.data.corpus import materialize_split
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        out = tmp_path / str(attempt)
+        barrier = ctx.Barrier(8)
+        procs = [ctx.Process(target=_materialize_after, args=(barrier, str(out))) for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(120)
+        assert [proc.exitcode for proc in procs] == [0] * 8
+        lines = materialize_split("shakespeare", "train", out).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 41 and all(json.loads(line)["text"] for line in lines)
+        assert not [p for p in out.iterdir() if ".tmp" in p.name]

@@ -44,7 +44,7 @@ def materialize_split(corpus: str, split: str, out_dir: Path) -> Path:
     path = out_dir / f"{corpus}-{split}.jsonl"
     payload = "".join(json.dumps({"text": d["text"]}, ensure_ascii=False) + "\n" for d in docs)
     if not path.exists() or path.read_text(encoding="utf-8") != payload:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(payload, encoding="utf-8")
-        tmp.replace(path)
+        from treeffn.results.record import write_text_atomic
+
+        write_text_atomic(path, payload)  # sweep jobs may fill one cache at the same time
     return path

@@ -15,12 +15,18 @@ PACKAGES = ("treeffn", "torch", "lightning", "transformers", "tokenizers", "data
             "omegaconf", "wandb", "numpy")
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write then rename, so a reader (or a crash) never sees half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a reader (or a crash) never sees half a file. The temporary name
+    holds the pid: processes writing the same file at once (a sweep's jobs filling one cache)
+    each rename a whole file of their own."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def git_revision() -> str | None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from treeffn.config import ConfigError, resolve_trees, validate_train_config
-from treeffn.results.record import RESULT_FORMAT, environment_snapshot, write_json_atomic
+from treeffn.results.record import RESULT_FORMAT, environment_snapshot, write_json_atomic, write_text_atomic
 
 class Preempted(RuntimeError):
     """The run stopped on a signal after saving a checkpoint; the same command continues it."""
@@ -83,13 +83,6 @@ def check_same_experiment(cfg: dict, run_dir: Path) -> None:
     if changed:
         raise ConfigError(f"run dir {run_dir} holds a run with different {', '.join(changed)}; "
                           f"continue it with its own config or choose another hydra.run.dir")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write then rename: other ranks may read the file (check_same_experiment) meanwhile."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def precision_for(setting: str) -> str:
