@@ -74,11 +74,13 @@ def table_row(text: str, strategy: str) -> str:
 
 
 # ------------------------------------------------------------------------------ killing one job
-def kill_slurm_job(cluster, index: int) -> None:
-    """SIGKILL the job's processes the way a user would: scancel --signal=KILL <array>_<task>."""
-    job = wait_for(lambda: next((j for j in cluster.jobs() if j["task"] == str(index) and j["state"] == "RUNNING"),
-                                None), 120, f"array task {index} to run")
-    subprocess.run(["scancel", "--signal=KILL", f"{job['array_job']}_{index}"], env=cluster.env, check=True)
+def kill_slurm_job(cluster, index: int, started) -> None:
+    """SIGKILL the job's processes the way a user would: scancel --signal=KILL <array>_<task>,
+    as soon as ``started()`` is true. The array job id is looked up before, so the kill costs
+    one scancel, not a queue poll: a 6-step tiny job on an idle machine is over in seconds."""
+    array_job = wait_for(lambda: next((j["array_job"] for j in cluster.jobs()), None), 120, "the sweep's array job")
+    wait_for(started, 600, f"array task {index} to start", step=0.02)
+    subprocess.run(["scancel", "--signal=KILL", f"{array_job}_{index}"], env=cluster.env, check=True)
 
 
 def kill_local_job(sweep_dir: Path, index: int) -> None:
@@ -124,14 +126,14 @@ def test_kill_one_job_report_it_failed_then_rerun_fills_it_in(launcher, request,
         index = next(i for i, job in enumerate(sweep.jobs)
                      if all(rp.job_values(job)[k] == v for k, v in VICTIM.items()))
         victim = sweep_dir / rp.run_dir_name(sweep.jobs[index], sweep)
-        wait_for(victim.exists, 600, "the victim job to start", step=0.05)
         if launcher == "slurm":
-            kill_slurm_job(cluster, index)
+            kill_slurm_job(cluster, index, started=victim.exists)
             wait_for(lambda: cluster.wait_empty(timeout=1), 900, "Slurm's queue to empty", step=1)
             # Accounting is off here, so submitit cannot see that the killed job ended: it would
             # wait for its result file forever. The jobs are all over; stop the launcher.
             first.terminate()
         else:
+            wait_for(victim.exists, 600, "the victim job to start", step=0.05)
             kill_local_job(sweep_dir, index)
             wait_for(lambda: local_jobs_done(sweep_dir), 900, "the other local jobs", step=1)
         first.wait(timeout=120)
