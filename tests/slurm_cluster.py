@@ -157,12 +157,13 @@ class LocalSlurm:
 
     # ---------------------------------------------------------------- queries
     def jobs(self) -> list[dict]:
-        """This cluster's queue: [{array_job, task, state}] (%F array job id, %K task id, %T state)."""
-        out = subprocess.run(["squeue", "-h", "-o", "%F|%K|%T"], env=self.env, capture_output=True, text=True)
+        """This cluster's queue: [{array_job, task, state, job}] (%F array job id, %K task id,
+        %T state, %A the job id a running array task has of its own)."""
+        out = subprocess.run(["squeue", "-h", "-o", "%F|%K|%T|%A"], env=self.env, capture_output=True, text=True)
         rows = []
         for line in out.stdout.splitlines():
-            array_job, task, state = line.split("|")
-            rows.append({"array_job": array_job, "task": task, "state": state})
+            array_job, task, state, job = line.split("|")
+            rows.append({"array_job": array_job, "task": task, "state": state, "job": job})
         return rows
 
     def wait_empty(self, timeout: float) -> bool:
