@@ -15,9 +15,12 @@ import torch
 
 from tests.conftest import TINY, run_cli
 
-# Dropout on, so that the RNG state matters after a resume; deterministic kernels.
+# Dropout on, so that the RNG state matters after a resume; deterministic kernels. A tiny step
+# takes ~20 ms here: the runs a signal must stop mid-way have 45+ steps (~1 s) left after the
+# checkpoint the test waits for, so a slow poll on a loaded machine still lands mid-run.
+STEPS = 60
 EXACT = [*TINY, "tree.depth=2", "model.dropout=0.1", "trainer.deterministic=true", "checkpoint.every_n_steps=5",
-         "trainer.val_check_interval=10", "trainer.max_steps=30"]
+         "trainer.val_check_interval=10", f"trainer.max_steps={STEPS}"]
 
 
 def start_cli(args, cwd):
@@ -61,7 +64,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
 
     proc = start_cli(["train", *EXACT, f"hydra.run.dir={killed}"], cwd=tmp_path)
     # Kill at a random point after a randomly chosen checkpoint step (not after a wall-clock
-    # delay, so a fast idle machine cannot finish all 30 steps first). Only the newest step
+    # delay, so a fast idle machine cannot finish all its steps first). Only the newest step
     # checkpoint is kept, so wait for any at or past the target; from step 10 on, last.ckpt of
     # step 5 at least exists whenever the kill lands.
     target = random.choice([10, 15])
@@ -71,13 +74,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     _, step_at_kill = model_state(killed)
-    assert 5 <= step_at_kill < 30
+    assert 5 <= step_at_kill < STEPS
 
     out = run_cli(["train", *EXACT, f"hydra.run.dir={killed}"], cwd=tmp_path)  # the same command
     assert out.returncode == 0, out.stderr[-2000:]
     clean_state, clean_step = model_state(clean)
     resumed_state, resumed_step = model_state(killed)
-    assert clean_step == resumed_step == 30
+    assert clean_step == resumed_step == STEPS
     assert clean_state.keys() == resumed_state.keys()
     for key in clean_state:
         assert torch.equal(clean_state[key], resumed_state[key]), key  # bitwise
@@ -85,7 +88,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     after = [s for s in resumed_losses if s > step_at_kill]
     assert after and all(resumed_losses[s] == clean_losses[s] for s in after)
     result = json.loads((killed / "result.json").read_text())
-    assert result["steps"] == 30 and result["tokens_seen"] == 30 * 8 * 32
+    assert result["steps"] == STEPS and result["tokens_seen"] == STEPS * 8 * 32
 
 
 # A launcher that owns SIGUSR2, as submitit does (its handler requeues the job and exits).
@@ -104,7 +107,7 @@ sys.exit(main(sys.argv[2:]))
 @pytest.mark.slow
 def test_sigusr2_saves_then_goes_to_the_launchers_handler(tmp_path, cache_dir):
     run, marker = tmp_path / "run", tmp_path / "requeued.txt"
-    args = ["train", *EXACT, "trainer.max_steps=40", f"hydra.run.dir={run}"]
+    args = ["train", *EXACT, f"hydra.run.dir={run}"]
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(marker), *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: any((run / "checkpoints").glob("step*.ckpt")), proc)
@@ -114,14 +117,14 @@ def test_sigusr2_saves_then_goes_to_the_launchers_handler(tmp_path, cache_dir):
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "preempted" and result["signal"] == "SIGUSR2"
     _, saved_step = model_state(run)
-    assert saved_step == result["steps"] and 5 <= saved_step < 40  # last.ckpt holds the step it stopped at
+    assert saved_step == result["steps"] and 5 <= saved_step < STEPS  # last.ckpt holds the step it stopped at
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_saves_and_the_rerun_continues(tmp_path, cache_dir, sig):
     run = tmp_path / "run"
-    args = ["train", *[o for o in EXACT if not o.startswith("logger")], "logger=wandb", "trainer.max_steps=40",
+    args = ["train", *[o for o in EXACT if not o.startswith("logger")], "logger=wandb",
             f"hydra.run.dir={run}"]
     proc = start_cli(args, cwd=tmp_path)
     wait_for(lambda: any((run / "checkpoints").glob("step*.ckpt")), proc)
@@ -133,11 +136,11 @@ def test_preemption_signal_saves_and_the_rerun_continues(tmp_path, cache_dir, si
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "preempted" and result["signal"] == sig.name
     _, saved_step = model_state(run)
-    assert saved_step == result["steps"] and 5 <= saved_step < 40
+    assert saved_step == result["steps"] and 5 <= saved_step < STEPS
 
     out = run_cli(args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((run / "result.json").read_text())["steps"] == 40
+    assert json.loads((run / "result.json").read_text())["steps"] == STEPS
     assert (run / "wandb_id.txt").read_text() == wandb_id  # the same W&B run continues
 
 
