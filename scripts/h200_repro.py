@@ -343,19 +343,29 @@ def main() -> int:
 
     variants = ["dense", "node", "post_sum"]
 
+    def throughputs(size: str, tag: str, variants: list[str], overrides: list[str], vocab: int, batch: int,
+                    seq: int, steps: int, warmup: int, blocks, min_left: float = 0) -> dict:
+        """Step throughput of each variant at one model size, into summary["throughput_<size>"]."""
+        found = {}
+        for v in variants:
+            if left() < min_left:
+                summary["skipped"].append(f"{tag} throughput {v}: out of time")
+                continue
+            try:
+                cfg = compose(model_overrides(size, v, args.smoke) + overrides)
+                found[v] = step_throughput(cfg, vocab, dev, batch, seq, steps=steps, warmup=warmup, blocks=blocks,
+                                           peak_flops=peak)
+                log(f"{size} {v}: {found[v]}")
+            except Exception as e:
+                summary["errors"][f"throughput_{tag.lower()}_{v}"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        summary[f"throughput_{size}"] = found
+        save()
+        return found
+
     # ---- 2. OPT-125M step throughput
-    tput125 = {}
-    for v in ([] if "tput125" in skip else variants):
-        try:
-            cfg = compose(model_overrides("opt125m", v, args.smoke) + data_ov)
-            tput125[v] = step_throughput(cfg, vocab, dev, batch, seq, steps=5 if args.smoke else 15,
-                                         warmup=2 if args.smoke else 5, blocks=blocks, peak_flops=peak)
-            log(f"opt125m {v}: {tput125[v]}")
-        except Exception as e:
-            summary["errors"][f"throughput_125m_{v}"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    summary["throughput_opt125m"] = tput125
-    save()
+    tput125 = throughputs("opt125m", "125M", [] if "tput125" in skip else variants, data_ov, vocab, batch, seq,
+                          steps=5 if args.smoke else 15, warmup=2 if args.smoke else 5, blocks=blocks)
 
     # ---- 3. training runs
     reserve = (60 if args.smoke else 120)  # analysis + 1.3B throughput + decode + packing up
@@ -451,22 +461,10 @@ def main() -> int:
     # ---- 5. OPT-1.3B step throughput
     big = "opt1.3b"
     big_vocab = 50272  # OPT's own vocabulary size: the LM head as in the published model
-    tput13 = {}
-    for v in ([] if "tput13" in skip else ["dense", "node"]):
-        if left() < (20 if args.smoke else 75):
-            summary["skipped"].append(f"1.3B throughput {v}: out of time")
-            continue
-        try:
-            cfg = compose(model_overrides(big, v, args.smoke) + ["logger=csv"])
-            bb, ss = (2, 64) if args.smoke else (4, 2048)
-            tput13[v] = step_throughput(cfg, big_vocab, dev, bb, ss, steps=3 if args.smoke else 10,
-                                        warmup=1 if args.smoke else 3, blocks=None, peak_flops=peak)
-            log(f"{big} {v}: {tput13[v]}")
-        except Exception as e:
-            summary["errors"][f"throughput_13b_{v}"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    summary["throughput_opt1.3b"] = tput13
-    save()
+    bb, ss = (2, 64) if args.smoke else (4, 2048)
+    throughputs(big, "13B", [] if "tput13" in skip else ["dense", "node"], ["logger=csv"], big_vocab, bb, ss,
+                steps=3 if args.smoke else 10, warmup=1 if args.smoke else 3, blocks=None,
+                min_left=20 if args.smoke else 75)
 
     # ---- 6. decode
     dec = {}
