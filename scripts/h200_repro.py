@@ -282,6 +282,11 @@ def main() -> int:
         summary["elapsed_s"] = round(elapsed(), 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
+    def failed(phase: str, e: Exception) -> None:
+        """Record a phase's error and go on: one failing phase must not cost the others' figures."""
+        summary["errors"][phase] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+
     def left() -> float:
         return deadline - elapsed()
 
@@ -357,8 +362,7 @@ def main() -> int:
                                            peak_flops=peak)
                 log(f"{size} {v}: {found[v]}")
             except Exception as e:
-                summary["errors"][f"throughput_{tag.lower()}_{v}"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
+                failed(f"throughput_{tag.lower()}_{v}", e)
         summary[f"throughput_{size}"] = found
         save()
         return found
@@ -419,8 +423,7 @@ def main() -> int:
                 runs[v] = rec
                 log(f"run {v}: {rec}")
             except Exception as e:
-                summary["errors"][f"train_{v}"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
+                failed(f"train_{v}", e)
             summary["runs_opt125m"] = runs
             save()
     if "dense" in runs:
@@ -450,8 +453,7 @@ def main() -> int:
             pruning[v]["analysis_s"] = round(time.perf_counter() - t0, 1)
             log(f"analysis {v}: {pruning[v]['per_checkpoint']} verdicts {pruning[v]['final_verdicts']}")
         except Exception as e:
-            summary["errors"][f"analysis_{v}"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
+            failed(f"analysis_{v}", e)
     summary["auto_pruning"] = pruning
     save()
     # Checkpoints are large and not needed any more.
@@ -476,8 +478,7 @@ def main() -> int:
             dec = decode_speed(cfgs, big_vocab, dev, [1, 32], prompt=32, new=16 if args.smoke else 128)
             log(f"decode {big}: {dec}")
         except Exception as e:
-            summary["errors"]["decode"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
+            failed("decode", e)
     summary["decode_opt1.3b"] = dec
     save()
 
