@@ -11,6 +11,7 @@ import sys
 
 VERBS = {
     "train": ("treeffn.cli.train", "main", "train a dense or tree-FFN language model"),
+    "prepare": ("treeffn.cli.prepare", "run", "tokenize a corpus once into memory-mapped shards (train does it too)"),
     "eval": ("treeffn.cli.eval", "main", "perplexity and lm-evaluation-harness tasks for a trained model"),
     "bench": ("treeffn.cli.bench", "main", "layer speed: tree kernels vs dense MLP (checked, then timed)"),
     "analyze": ("treeffn.cli.analyze", "main", "auto-pruning: routing statistics and plots over a run's checkpoints"),
@@ -29,6 +30,7 @@ Examples:
   treeffn train tree=dense                        the dense baseline
   treeffn train -m tree.placement=node,post_sum   a sweep (Hydra multirun)
   treeffn train --cfg job                         print the composed config
+  treeffn prepare data=hub data.name=... data.max_train_tokens=N   prepare a corpus ahead of a sweep
   treeffn prune run=<run dir>                     drop unreached subtrees; params and perplexity before/after
 """
 

@@ -1,4 +1,5 @@
-"""Data pipeline: packing, caching keyed by inputs, and clear refusals of bad files."""
+"""Data pipeline: preparation into shards, memory-mapped blocks, caching keyed by inputs, and
+clear refusals of bad files."""
 
 import json
 
@@ -39,7 +40,7 @@ def test_files_source_packs_holds_out_whole_documents_and_caches(tmp_path):
     dm.setup()
     assert dm.train_set.shape[1] == 16 and dm.val_set.shape[1] == 16
     tok = dm.tokenizer
-    val_text = tok.decode(dm.val_set.flatten().tolist())
+    val_text = tok.decode(dm.val_set[:].flatten().tolist())
     assert "Document 6." in val_text and "Document 7." in val_text  # last 25% of documents
     assert "Document 5." not in val_text
     first = dm.prepare()
@@ -93,49 +94,16 @@ def test_tokenizer_dir_without_files_is_refused(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-def test_pretokenized_streams_pack_like_text(tmp_path):
-    from treeffn.data.pretokenized import read_tokens
-
+def test_token_files_are_mapped_and_pack_like_text(tmp_path):
     train_ids = np.arange(1, 200, dtype=np.uint16)
     val_ids = np.arange(300, 360, dtype=np.uint16)
     train_ids.tofile(tmp_path / "train.u16")
     np.save(tmp_path / "val.npy", val_ids.astype(np.int64))
-    assert read_tokens(tmp_path / "train.u16").tolist() == train_ids.tolist()
     cfg = {"source": "tokens", "path": str(tmp_path / "train.u16"), "val_path": str(tmp_path / "val.npy"),
            "tokenizer": "embedded", "block_size": 16, "batch_size": 2, "cache_dir": str(tmp_path / "cache")}
     dm = TextDataModule(cfg)
     dm.setup()
     assert dm.train_set.shape == (199 // 16, 16) and dm.val_set.shape == (60 // 16, 16)
-    assert dm.train_set.flatten().tolist() == train_ids[: 12 * 16].tolist()
-
-
-def _materialize_after(barrier, out_dir: str) -> None:
-    from pathlib import Path
-
-    from treeffn.data.corpus import materialize_split
-
-    barrier.wait()  # every process checks and writes at about the same moment
-    materialize_split("shakespeare", "train", Path(out_dir))
-
-
-def test_jobs_filling_one_cache_at_once_do_not_trip_over_each_other(tmp_path):
-    """A sweep's parallel jobs on a fresh machine write the same embedded split into one cache;
-    each must finish, and the file must be whole. (A temporary name shared by all writers lost
-    this race on the local Slurm cluster: FileNotFoundError on the rename.)"""
-    import multiprocessing
-
-    from treeffn.data.corpus import materialize_split
-
-    ctx = multiprocessing.get_context("fork")
-    for attempt in range(3):
-        out = tmp_path / str(attempt)
-        barrier = ctx.Barrier(8)
-        procs = [ctx.Process(target=_materialize_after, args=(barrier, str(out))) for _ in range(8)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join(120)
-        assert [proc.exitcode for proc in procs] == [0] * 8
-        lines = materialize_split("shakespeare", "train", out).read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 41 and all(json.loads(line)["text"] for line in lines)
-        assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    assert dm.train_set[:].flatten().tolist() == train_ids[: 12 * 16].tolist()
+    assert dm.val_set[:].flatten().tolist() == val_ids[: 3 * 16].tolist()  # .npy: the header is skipped
+    assert isinstance(dm.train_set.stream._open()[0], np.memmap)  # mapped, not read into memory

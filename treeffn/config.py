@@ -153,10 +153,18 @@ def validate_data(data: dict, model: dict) -> None:
         if path in (None, "", "???"):
             raise ConfigError("data.path is missing; data=files needs data.path=<file, folder or glob>")
     if data["source"] == "tokens":
-        for field in ("path", "val_path"):
-            if data.get(field) in (None, "", "???"):
-                raise ConfigError(f"data.{field} is missing; data=tokens needs data.path=<train token file> and "
-                                  f"data.val_path=<validation token file> (python -m treeffn.data.build_corpus)")
+        path = data.get("path")
+        if path in (None, "", "???"):
+            raise ConfigError("data.path is missing; data=tokens needs data.path=<prepared folder> or a token file "
+                              "with data.val_path=<validation token file> (treeffn prepare writes a folder)")
+        if not os.path.isdir(os.path.expanduser(str(path))) and data.get("val_path") in (None, "", "???"):
+            raise ConfigError(f"data.val_path is missing; data=tokens with the token file data.path={path} needs "
+                              f"data.val_path=<validation token file> (a prepared folder needs none)")
+    for key in ("max_train_tokens", "max_val_tokens"):
+        if data.get(key) is not None:
+            _int_at_least(f"data.{key}", data[key], 1)
+    if data.get("shard_tokens") is not None:
+        _int_at_least("data.shard_tokens", data["shard_tokens"], 1024)
 
 
 def validate_train_config(cfg: dict) -> None:

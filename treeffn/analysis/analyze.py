@@ -48,15 +48,13 @@ def held_out_blocks(cfg: dict, text: str, max_blocks: int):
 
     data_cfg = dict(cfg["data"])
     if text == "kjv":
-        data_cfg.update(source="embedded", corpus="kjv")
-        from treeffn.data.corpus import materialize_split
+        from treeffn.data.corpus import read_documents
         from treeffn.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(data_cfg["tokenizer"])
-        path = materialize_split("kjv", "validation", Path(data_cfg["cache_dir"]).expanduser() / "embedded")
         ids = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for doc in read_documents("kjv"):
+            ids += tok(doc["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         block = int(data_cfg["block_size"])
         n = min(max_blocks, len(ids) // block)
         return torch.tensor(ids[: n * block]).view(n, block)

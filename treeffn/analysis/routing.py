@@ -24,6 +24,26 @@ def leaf_counts(visits: torch.Tensor, trees: int, depth: int) -> torch.Tensor:
     return visits.view(trees, nodes_per_tree(depth))[:, first_leaf:]
 
 
+MAX_HISTOGRAM_BINS = 512  # W&B refuses histograms with more bins
+
+
+def usage_histogram(leaf_visits: torch.Tensor, max_bins: int = MAX_HISTOGRAM_BINS) -> tuple[torch.Tensor, str]:
+    """Leaf usage as at most ``max_bins`` bins, and what a bin is.
+
+    One bin per leaf (tree-major) when all leaves fit; else the trees are summed leaf by leaf
+    (bin j = visits of leaf j over all trees); when even one tree has more leaves than bins,
+    neighbouring leaves (the leaves of one subtree) share a bin.
+    """
+    trees, leaves = leaf_visits.shape
+    if trees * leaves <= max_bins:
+        return leaf_visits.flatten(), "leaf (tree-major)"
+    per_leaf = leaf_visits.sum(0)
+    if leaves <= max_bins:
+        return per_leaf, "leaf position, summed over trees"
+    group = -(-leaves // max_bins)  # leaves per bin; a power of two, so bins are whole subtrees
+    return per_leaf.view(-1, group).sum(1), f"subtree of {group} leaves, summed over trees"
+
+
 def normalized_leaf_entropy(visits: torch.Tensor, trees: int, depth: int) -> torch.Tensor:
     """Per tree: entropy of the leaf-usage distribution / log(2^depth), in [0, 1].
 

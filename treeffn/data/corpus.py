@@ -26,25 +26,3 @@ def read_documents(corpus: str = "shakespeare") -> list[dict]:
         raise ValueError(f"unknown embedded corpus {corpus!r}; allowed: {', '.join(CORPORA)}")
     raw = lzma.decompress((EMBEDDED_DIR / CORPORA[corpus]).read_bytes()).decode("utf-8")
     return [json.loads(line) for line in raw.splitlines() if line]
-
-
-def materialize_split(corpus: str, split: str, out_dir: Path) -> Path:
-    """Write one split as a JSONL file (one document a line) and return its path.
-
-    ``datasets`` then reads it like any user file, so the embedded default goes through the
-    same pipeline as ``data=files``.
-    """
-    docs = read_documents(corpus)
-    if corpus == "shakespeare":
-        held_out = [d for d in docs if d["title"] in VALIDATION_TITLES]
-        docs = held_out if split == "validation" else [d for d in docs if d["title"] not in VALIDATION_TITLES]
-    elif split != "validation":
-        raise ValueError(f"embedded corpus {corpus!r} is for evaluation only (validation split)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{corpus}-{split}.jsonl"
-    payload = "".join(json.dumps({"text": d["text"]}, ensure_ascii=False) + "\n" for d in docs)
-    if not path.exists() or path.read_text(encoding="utf-8") != payload:
-        from treeffn.results.record import write_text_atomic
-
-        write_text_atomic(path, payload)  # sweep jobs may fill one cache at the same time
-    return path

@@ -1,31 +1,28 @@
-"""LightningDataModule: tokenize once, pack into fixed blocks, cache on disk, serve batches.
+"""LightningDataModule: a prepared, memory-mapped corpus served as fixed blocks.
 
-Documents are tokenized, each followed by the end-of-text token, concatenated, and cut into
-blocks of ``block_size`` tokens (the remainder is dropped). The packed splits are saved under
-``<cache_dir>/packed/<key>`` where the key hashes everything that produced them (source files
-and their sizes/mtimes, tokenizer, block size, format version), so a change to any of these
-re-packs and nothing stale is ever reused.
+Every text source (embedded, files, hub) is prepared once into token shards
+(:mod:`treeffn.data.prepare`: streamed, tokenized in parallel, cached by what made it);
+``data=tokens`` maps token files or a prepared folder directly (:mod:`treeffn.data.pretokenized`).
+Training reads blocks of ``block_size`` tokens straight from the mapped shards
+(:class:`treeffn.data.shards.TokenBlocks`): no split is ever copied into memory, on any rank.
+Block i is tokens [i*B, (i+1)*B) of a split's stream (every document followed by the
+end-of-text token; the remainder is dropped), as the earlier in-memory packing cut them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from treeffn.data.sampler import ResumableBatchSampler, ShardedEvalBatches, limited_blocks
-from treeffn.data.sources import load_source
-from treeffn.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-
-PACK_FORMAT = 1
+from treeffn.data.shards import TokenBlocks, collate_blocks
+from treeffn.data.sources import DataError
+from treeffn.data.tokenizer import load_tokenizer
 
 
 def concat_documents(token_lists: list[list[int]], eos_id: int) -> np.ndarray:
@@ -65,58 +62,53 @@ class TextDataModule(L.LightningDataModule):
         return {"pad_id": tok.pad_token_id, "bos_id": bos, "eos_id": tok.eos_token_id}
 
     # ------------------------------------------------------------------ preparation
-    def prepare(self) -> Path:
-        """Build (or find) the packed cache; returns its folder. Safe to call repeatedly."""
-        if self.cfg["source"] == "tokens":  # pre-tokenized streams: no datasets, no tokenization
-            from treeffn.data.pretokenized import prepare_pretokenized
+    def prepare(self) -> Path | None:
+        """Prepare the corpus if it is not yet (text sources); returns the prepared folder, or
+        None for ``data=tokens`` files, which need no preparation. Safe to call repeatedly and
+        from many processes at once."""
+        if self.cfg["source"] == "tokens":
+            return None
+        from treeffn.data.prepare import prepare_corpus
 
-            return prepare_pretokenized(self.cfg, self.cache_dir, self.tokenizer, self.block_size)
-        raw, description = load_source(self.cfg, self.cache_dir)
-        key_src = f"{PACK_FORMAT}|{description}|{tokenizer_fingerprint(self.tokenizer)}|{self.block_size}"
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-        out = self.cache_dir / "packed" / key
-        if (out / "stats.json").exists():
-            return out
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        counts = np.zeros(len(tok), dtype=np.int64)
-        stats = {"key_source": key_src, "block_size": self.block_size}
-        for split in ("train", "validation"):
-            tokenized = raw[split].map(
-                lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]},
-                batched=True, remove_columns=["text"], desc=f"tokenize {split}", load_from_cache_file=False,
-            )
-            flat = concat_documents(tokenized["ids"], eos)
-            n_tokens = len(flat)
-            if split == "train":
-                counts += np.bincount(flat, minlength=len(tok))
+        folder, _ = prepare_corpus(self.cfg, self.tokenizer, self.cache_dir)
+        return folder
+
+    def open_streams(self):
+        """(train stream, validation stream, stats), memory-mapped, budgets applied."""
+        if self.cfg["source"] == "tokens":
+            from treeffn.data.pretokenized import open_token_streams
+
+            train, val, stats = open_token_streams(self.cfg, self.cache_dir, self.tokenizer)
+        else:
+            from treeffn.data.prepare import check_matches_tokenizer, open_split
+            from treeffn.data.shards import read_meta
+
+            folder = self.prepare()
+            meta = read_meta(folder)
+            check_matches_tokenizer(folder, meta, self.tokenizer)
+            train, val = open_split(folder, meta, "train"), open_split(folder, meta, "validation")
+            stats = {"unigram_ppl": meta.get("unigram_ppl"), "prepared": str(folder)}
+        for stream, key in ((train, "max_train_tokens"), (val, "max_val_tokens")):
+            budget = self.cfg.get(key)
+            if budget is not None and budget < len(stream):
+                stream = stream.head(int(budget))
+            if key == "max_train_tokens":
+                train = stream
             else:
-                stats["unigram_ppl"] = unigram_perplexity(counts, flat)
-            blocks = pack_blocks(flat, self.block_size)
-            if len(blocks) == 0:
-                from treeffn.data.sources import DataError
-
-                raise DataError(f"the {split} split has {n_tokens} tokens, fewer than one block of "
-                                f"data.block_size={self.block_size}; give more text or a smaller block size")
-            tmp.mkdir(parents=True, exist_ok=True)
-            np.save(tmp / f"{split}.npy", blocks.astype(np.int32 if len(tok) < 2**31 else np.int64))
-            stats[f"{split}_tokens"] = int(n_tokens)
-            stats[f"{split}_blocks"] = int(blocks.shape[0])
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-        try:
-            tmp.rename(out)  # atomic: a concurrent job that lost the race just uses the winner's copy
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+                val = stream
+        return train, val, stats
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        folder = self.prepare()
-        self.stats = json.loads((folder / "stats.json").read_text())
-        self.train_set = torch.from_numpy(np.load(folder / "train.npy").astype(np.int64))
-        self.val_set = torch.from_numpy(np.load(folder / "validation.npy").astype(np.int64))
+        train, val, stats = self.open_streams()
+        self.train_set, self.val_set = TokenBlocks(train, self.block_size), TokenBlocks(val, self.block_size)
+        for split, blocks, stream in (("train", self.train_set, train), ("validation", self.val_set, val)):
+            if len(blocks) == 0:
+                raise DataError(f"the {split} split has {len(stream)} tokens, fewer than one block of "
+                                f"data.block_size={self.block_size}; give more text or a smaller block size")
+        self.stats = {**stats, "block_size": self.block_size, "train_tokens": len(train), "validation_tokens": len(val),
+                      "train_blocks": len(self.train_set), "validation_blocks": len(self.val_set)}
 
     # ------------------------------------------------------------------ loaders
     # Batches are sharded by rank here (treeffn/data/sampler.py); the Trainer is built with
@@ -129,8 +121,6 @@ class TextDataModule(L.LightningDataModule):
         """Blocks per optimizer step on all ranks; a DataError when the split cannot fill one."""
         blocks = self.batch_size * accumulate * world_size
         if len(self.train_set) < blocks:
-            from treeffn.data.sources import DataError
-
             raise DataError(f"the training split has {len(self.train_set)} blocks, fewer than one global batch of "
                             f"{blocks} (data.batch_size={self.batch_size} x {accumulate} accumulation x "
                             f"{world_size} ranks); give more text or a smaller batch")
@@ -145,13 +135,15 @@ class TextDataModule(L.LightningDataModule):
             len(self.train_set), self.batch_size, self.seed, start_step=trainer.global_step if trainer else 0,
             accumulate=accumulate, rank=rank, world_size=world,
         )
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=int(self.cfg.get("num_workers", 0)))
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_blocks,
+                          num_workers=int(self.cfg.get("num_workers", 0)))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._ranks()
         kept = limited_blocks(len(self.val_set), self.batch_size, self.val_limit)
         sampler = ShardedEvalBatches(kept, self.batch_size, rank=rank, world_size=world)
-        return DataLoader(self.val_set, batch_sampler=sampler, num_workers=int(self.cfg.get("num_workers", 0)))
+        return DataLoader(self.val_set, batch_sampler=sampler, collate_fn=collate_blocks,
+                          num_workers=int(self.cfg.get("num_workers", 0)))
 
     # The global batch in blocks travels in checkpoints: resuming with another one would put
     # the data position (global_step x blocks) and the token count off (see check_resume_batch).

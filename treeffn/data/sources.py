@@ -1,8 +1,8 @@
-"""Where training text comes from: the embedded corpus, local files, or a hub dataset.
+"""Local input files: finding them, and refusing unusable ones before any work starts.
 
-Each source resolves to a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits of
-one text column, plus a short description used as part of the cache key. Problems with the
-inputs (missing, empty, binary, not UTF-8) are reported before any tokenization.
+A file, a folder or a glob resolves to a sorted list of files of one kind; problems with the
+inputs (missing, empty, binary, not UTF-8) are reported with one line before any tokenization.
+Reading them is :mod:`treeffn.data.documents`' job; preparing them, :mod:`treeffn.data.prepare`'s.
 """
 
 from __future__ import annotations
@@ -108,71 +108,3 @@ def files_fingerprint(files: list[Path]) -> str:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def _load_files(files: list[Path], text_field: str, cache_dir: Path):
-    from datasets import load_dataset
-
-    builder = SUFFIX_BUILDERS[files[0].suffix.lower()]
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    ds = load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                      cache_dir=str(cache_dir / "hf-datasets"), **kwargs)
-    if text_field not in ds.column_names:
-        raise DataError(f"data.text_field={text_field!r} is not a column of {files[0]}; columns: {', '.join(ds.column_names)}")
-    return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds.select_columns(["text"])
-
-
-def load_source(data: dict, cache_dir: Path):
-    """Returns (DatasetDict with train/validation text, description string for the cache key)."""
-    from datasets import DatasetDict
-
-    source = data["source"]
-    if source == "embedded":
-        from treeffn.data.corpus import materialize_split
-
-        root = cache_dir / "embedded"
-        files = {s: materialize_split(data["corpus"], s, root) for s in ("train", "validation")}
-        ds = DatasetDict({s: _load_files([p], "text", cache_dir) for s, p in files.items()})
-        return ds, f"embedded:{data['corpus']}:{files_fingerprint(list(files.values()))}"
-    if source == "files":
-        train_files = expand_paths(data["path"], "data.path")
-        if data.get("val_path"):
-            val_files = expand_paths(data["val_path"], "data.val_path")
-            ds = DatasetDict({"train": _load_files(train_files, data["text_field"], cache_dir),
-                              "validation": _load_files(val_files, data["text_field"], cache_dir)})
-            return ds, f"files:{files_fingerprint(train_files)}:{files_fingerprint(val_files)}"
-        full = _load_files(train_files, data["text_field"], cache_dir)
-        n_val = max(1, int(len(full) * data["val_fraction"] + 0.5))
-        if len(full) < 2:
-            raise DataError(f"data.path={data['path']} holds one document only; give data.val_path for validation")
-        ds = DatasetDict({"train": full.select(range(len(full) - n_val)),
-                          "validation": full.select(range(len(full) - n_val, len(full)))})
-        return ds, f"files:{files_fingerprint(train_files)}:split{data['val_fraction']}"
-    if source == "hub":
-        return _load_hub(data, cache_dir)
-    raise DataError(f"data.source={source!r} is not allowed; choose one of: embedded, files, hub")
-
-
-def _load_hub(data: dict, cache_dir: Path):
-    from datasets import DatasetDict, load_dataset
-
-    name, config = data["name"], data.get("config")
-    if name in (None, "", "???"):
-        raise DataError("data.name is missing; data=hub needs data.name=<hub dataset id>")
-    try:
-        splits = {
-            "train": load_dataset(name, config, split=data["train_split"], cache_dir=str(cache_dir / "hf-datasets")),
-            "validation": load_dataset(name, config, split=data["val_split"], cache_dir=str(cache_dir / "hf-datasets")),
-        }
-    except Exception as e:  # datasets raises many kinds here; the user needs one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"could not load hub dataset data.name={name!r} (config {config!r}): {first} — hub datasets need the "
-            f"network the first time; offline, use data=embedded or data=files"
-        ) from None
-    field = data["text_field"]
-    for split, ds in splits.items():
-        if field not in ds.column_names:
-            raise DataError(f"data.text_field={field!r} is not a column of {name}/{split}; columns: {', '.join(ds.column_names)}")
-        splits[split] = ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
-    return DatasetDict(splits), f"hub:{name}:{config}:{data['train_split']}:{data['val_split']}"

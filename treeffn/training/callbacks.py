@@ -8,7 +8,7 @@ import lightning as L
 
 import torch
 
-from treeffn.analysis.routing import LevelLogits, layer_summary, leaf_counts
+from treeffn.analysis.routing import LevelLogits, layer_summary, leaf_counts, usage_histogram
 from treeffn.models.swap import tree_layers
 
 
@@ -154,8 +154,9 @@ class RoutingStats(L.Callback):
             if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
                 import wandb
 
-                # One histogram bin per leaf (tree-major): how often each path was taken.
-                flat = counts.flatten().double()
+                # How often each path was taken, within W&B's bin limit for any K and depth.
+                bins, _ = usage_histogram(counts)
+                flat = bins.double()
                 edges = torch.arange(flat.numel() + 1).double()
                 lg.experiment.log({key: wandb.Histogram(np_histogram=(flat.numpy(), edges.numpy())),
                                    "trainer/global_step": trainer.global_step})
