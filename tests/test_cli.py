@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -98,3 +99,20 @@ def test_unknown_presets_and_keys_fail_with_one_line(tmp_path, args, fragment):
     assert out.stderr.strip().splitlines() == [f"treeffn train: error: {out.stderr.split('error: ', 1)[1].strip()}"]
     assert fragment in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_design_card_command_runs_with_the_default_wandb_logger(tmp_path, cache_dir):
+    """`treeffn train model=opt125m tree.depth=6` as a new user types it (a few steps, short
+    blocks), with the default logger, W&B offline: 24 trees x 64 leaves once made a usage
+    histogram of 1,536 bins, which W&B refuses (at most 512), and the run exited 1."""
+    out = run_cli(["train", "model=opt125m", "tree.depth=6", "trainer.max_steps=2", "data.block_size=32",
+                   "data.batch_size=2", "trainer.limit_val_batches=1", "checkpoint.every_n_steps=2"],
+                  cwd=tmp_path, env_extra={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = Path(out.stdout.strip().splitlines()[-1].removeprefix("run dir: "))
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "finished" and result["tree"]["trees"] == 24 and result["tree"]["activation"] == "gelu"
+    assert list((run_dir / "wandb").glob("offline-run-*")), "the default logger is W&B, offline without a key"
+    config = (run_dir / "hf" / "config.json").read_text()
+    assert '"activation_function": "relu"' in config  # OPT as published: ReLU in the (replaced) dense MLP

@@ -154,3 +154,14 @@ def test_presets_train_on_the_embedded_default(tmp_path, cache_dir, overrides):
         assert result["ffn_flops_per_token_infer"] == result["dense_ffn_flops_per_token"]
     else:
         assert result["ffn_flops_per_token_infer"] < result["dense_ffn_flops_per_token"]
+
+
+def test_opt_presets_are_opt_as_published_with_gelu_trees():
+    """OPT's dense MLP uses ReLU; the tree layer keeps GELU by default (the paper's derivation
+    is about GELU), and tree.activation still overrides it."""
+    for preset in ("opt125m", "opt350m", "opt1.3b", "opt2.7b"):
+        for extra, tree_act in (([], "gelu"), (["tree.activation=relu"], "relu")):
+            with initialize_config_module("treeffn.conf", version_base="1.3"):
+                cfg = OmegaConf.to_container(compose("config", overrides=[f"model={preset}", *extra]), resolve=True)
+            validate_train_config(cfg)
+            assert cfg["model"]["activation"] == "relu" and cfg["tree"]["activation"] == tree_act

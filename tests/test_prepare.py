@@ -228,3 +228,13 @@ def test_usage_histogram_stays_within_wandb_bins_for_any_shape():
         assert bins.numel() <= MAX_HISTOGRAM_BINS and bins.sum() == counts.sum(), (trees, depth, what)
     bins, what = usage_histogram(torch.arange(8).view(2, 4))
     assert bins.tolist() == list(range(8)) and what == "leaf (tree-major)"
+
+
+def test_the_embedded_training_stream_has_the_tokens_the_sweeps_declare(tmp_path):
+    from tests.test_sweeps import EMBEDDED_TRAIN_TOKENS
+
+    cfg = {**data_cfg("", tmp_path), "source": "embedded", "corpus": "shakespeare"}
+    folder, _ = prepare_corpus(cfg, load_tokenizer("embedded"), tmp_path)
+    meta = read_meta(folder)
+    assert meta["splits"]["train"]["tokens"] == EMBEDDED_TRAIN_TOKENS
+    assert meta["splits"]["validation"]["documents"] == 1  # Hamlet

@@ -11,6 +11,9 @@ import csv
 import json
 import os
 import subprocess
+
+# Tokens in the embedded corpus's training stream (tests/test_prepare.py prepares it and checks).
+EMBEDDED_TRAIN_TOKENS = 1452948
 import sys
 from pathlib import Path
 
@@ -72,6 +75,14 @@ def test_every_sweep_composes_and_declares_its_table(name):
     per_step = cfg.optim.get("global_batch_tokens") or (
         d.batch_size * d.block_size * t.accumulate_grad_batches * t.devices * t.get("num_nodes", 1))
     assert t.max_steps * per_step == meta["token_budget"]
+    # Honest budgets: the unique tokens the data gives, and passes over them (<= 1 for the tables).
+    if d.source == "embedded":
+        assert meta["unique_train_tokens"] == EMBEDDED_TRAIN_TOKENS
+    else:
+        assert meta["unique_train_tokens"] == d.max_train_tokens, "hub sweeps prepare exactly their budget"
+    assert meta["epochs"] == round(meta["token_budget"] / meta["unique_train_tokens"], 4)
+    if not name.endswith("_smoke") and name != "autopruning_cpu":
+        assert meta["epochs"] <= 1, f"{name} would repeat its data"
 
     if name.endswith("_smoke"):
         full = OmegaConf.to_container(compose(meta["smoke_of"]).sweep_meta, resolve=False)

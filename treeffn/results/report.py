@@ -298,6 +298,7 @@ def row_stats(row: Row, metric: str, seed_key: str, qa: list[tuple[str, str, int
         "active_ffn_fraction": first.get("active_ffn_fraction"), "params_total": first.get("params_total"),
         "params_ffn": first.get("params_ffn"), "ffn": first.get("ffn"), "depth": tree.get("depth"),
         "trees": tree.get("trees"), "tokens_seen": first.get("tokens_seen"), "wall_s_mean": wall,
+        "epochs": max((p.result["epochs"] for p in done if p.result.get("epochs") is not None), default=None),
         "status": "ok" if not not_done else "; ".join(
             f"{seed_key}={p.values.get(seed_key, '?')} {p.status}" for p in not_done),
     }
@@ -345,6 +346,10 @@ def build_report(spec: str, runs_root: str | None = None, metric: str | None = N
     known = {p.run_dir.name for p in points}
     others = [d.name for d in sweep.dir.iterdir() if d.is_dir() and d.name not in known
               and (d / "config.yaml").exists()] if sweep.dir.is_dir() else []
+    repeated = [p.run_dir.name for p in points if p.status == "finished" and (p.result.get("epochs") or 0) > 1]
+    if repeated:
+        report.notes.append(f"{len(repeated)} run(s) trained more than one epoch of their data (repeated tokens), "
+                            f"e.g. {repeated[0]}: their perplexities are not those of single-pass training")
     if others:
         report.notes.append(f"{len(others)} other run dir(s) in {sweep.dir} are not in this grid "
                             f"(launched with other overrides), e.g. {others[0]}")
@@ -397,6 +402,13 @@ def _count(n) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _epochs(epochs) -> str:
+    """Passes over the unique training tokens; more than one is marked: the run saw data again."""
+    if epochs is None:
+        return "—"
+    return f"{epochs:.2f}" + (" (repeated data)" if epochs > 1 else "")
+
+
 def qa_header(task: str, metric: str, shots: int) -> str:
     return f"{task} {metric} ({shots}-shot)"
 
@@ -405,14 +417,14 @@ def table_cells(report: Report, row: Row) -> list[str]:
     s = row.stats
     cells = [row.label[f] for f in report.factors]
     cells += [_fmt(s["mean"], s["std"]), f"{s['n']}/{s['expected']}", _pct(s["active_ffn_fraction"]),
-              _count(s["params_ffn"]), _count(s["tokens_seen"])]
+              _count(s["params_ffn"]), _count(s["tokens_seen"]), _epochs(s["epochs"])]
     cells += [_fmt(*s[key], digits=3) for key in report.qa]
     cells.append(s["status"] if not row.source else f"{s['status']} (from {row.source})")
     return cells
 
 
 def table_header(report: Report) -> list[str]:
-    return ([*report.factors, f"{report.metric} (mean ± std)", "n", "active FFN", "FFN params", "tokens/run"]
+    return ([*report.factors, f"{report.metric} (mean ± std)", "n", "active FFN", "FFN params", "tokens/run", "epochs"]
             + [qa_header(*key) for key in report.qa] + ["status"])
 
 
@@ -449,7 +461,7 @@ def write_table_csv(report: Report, path: Path) -> None:
         qa_cols += [f"{task}:{metric}:{shots}shot_mean", f"{task}:{metric}:{shots}shot_std"]
     fields = [*report.factors, "source", "n_finished", "n_expected", f"{report.metric}_mean",
               f"{report.metric}_std", "val_loss_mean", "active_ffn_fraction", "params_total", "params_ffn",
-              "ffn", "depth", "trees", "tokens_seen", "wall_s_mean", *qa_cols, "status"]
+              "ffn", "depth", "trees", "tokens_seen", "epochs", "wall_s_mean", *qa_cols, "status"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
@@ -458,7 +470,8 @@ def write_table_csv(report: Report, path: Path) -> None:
             qa_vals = [v for key in report.qa for v in s[key]]
             w.writerow([*(row.label[k] for k in report.factors), row.source or "", s["n"], s["expected"], s["mean"],
                         s["std"], s["val_loss_mean"], s["active_ffn_fraction"], s["params_total"], s["params_ffn"],
-                        s["ffn"], s["depth"], s["trees"], s["tokens_seen"], s["wall_s_mean"], *qa_vals, s["status"]])
+                        s["ffn"], s["depth"], s["trees"], s["tokens_seen"], s["epochs"], s["wall_s_mean"], *qa_vals,
+                        s["status"]])
 
 
 def write_runs_csv(report: Report, path: Path) -> None:
