@@ -146,7 +146,7 @@ def step_throughput(cfg: dict, vocab: int, dev, batch: int, seq: int, steps: int
     for i in range(warmup + steps):
         if blocks is not None and len(blocks) >= batch and blocks.shape[1] >= seq:
             idx = torch.randint(0, len(blocks), (batch,), generator=g)
-            x = blocks[idx, :seq].to(dev, non_blocking=True)
+            x = blocks[idx][:, :seq].to(dev, non_blocking=True)
         else:
             x = torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
         sync(dev)

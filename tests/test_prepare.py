@@ -238,3 +238,21 @@ def test_the_embedded_training_stream_has_the_tokens_the_sweeps_declare(tmp_path
     meta = read_meta(folder)
     assert meta["splits"]["train"]["tokens"] == EMBEDDED_TRAIN_TOKENS
     assert meta["splits"]["validation"]["documents"] == 1  # Hamlet
+
+
+def test_prepare_verb_prints_the_folder_and_refuses_bad_input_in_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, documents(60))
+    env = {"TREEFFN_CACHE": str(tmp_path / "cache")}
+    out = run_cli(["prepare", "data=files", f"data.path={path}"], cwd=tmp_path, env_extra=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    folder = out.stdout.splitlines()[0].removeprefix("prepared corpus: ")
+    assert (tmp_path / "cache" / "prepared" / folder.rsplit("/", 1)[1] / META_FILE).is_file()
+    assert f"data=tokens data.path={folder}" in out.stdout
+    for args, words in ((["data.max_train_tokens=100000000"], "data.max_train_tokens=100000000 is larger than the source"),
+                        (["data.text_field=body"], "has no 'body' field (data.text_field)")):
+        out = run_cli(["prepare", "data=files", f"data.path={path}", *args], cwd=tmp_path, env_extra=env, timeout=120)
+        lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("prepare ")]
+        assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr
