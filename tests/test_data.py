@@ -107,3 +107,16 @@ def test_token_files_are_mapped_and_pack_like_text(tmp_path):
     assert dm.train_set[:].flatten().tolist() == train_ids[: 12 * 16].tolist()
     assert dm.val_set[:].flatten().tolist() == val_ids[: 3 * 16].tolist()  # .npy: the header is skipped
     assert isinstance(dm.train_set.stream._open()[0], np.memmap)  # mapped, not read into memory
+
+
+def test_fifo_and_symlink_loop_are_named_for_what_they_are(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"data.path=.*pipe.txt: is a FIFO, not a regular file"):
+        expand_paths(str(fifo), "data.path")
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(tmp_path / "loop.txt")
+    with pytest.raises(DataError, match=r"data.path=.*loop.txt: is a symbolic-link loop"):
+        expand_paths(str(loop), "data.path")

@@ -8,9 +8,11 @@ Reading them is :mod:`treeffn.data.documents`' job; preparing them, :mod:`treeff
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from treeffn.config import ConfigError
@@ -27,6 +29,7 @@ def expand_paths(spec: str, field: str) -> list[Path]:
     if spec in (None, "", "???"):
         raise DataError(f"{field} is missing; give a file, a folder or a glob of .txt/.json/.jsonl/.parquet files")
     p = Path(os.path.expanduser(str(spec)))
+    _refuse_special(p, field, spec)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIX_BUILDERS)
         if not files:
@@ -43,6 +46,22 @@ def expand_paths(spec: str, field: str) -> list[Path]:
     if len(builders) > 1:
         raise DataError(f"{field}={spec}: mixes file kinds ({', '.join(sorted(builders))}); use one kind per path")
     return files
+
+
+def _refuse_special(p: Path, field: str, spec) -> None:
+    """A path that exists but is no regular file or folder (a FIFO, a device, a socket) or a
+    symbolic-link loop: say what it is instead of "no such file"."""
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{field}={spec}: is a symbolic-link loop; give a file, a folder or a glob") from None
+        if e.errno == errno.EACCES:
+            raise DataError(f"{field}={spec}: cannot be read (permission denied)") from None
+        return  # missing: maybe a glob, expand_paths decides
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
+        raise DataError(f"{field}={spec}: is {kind}, not a regular file; give a file, a folder or a glob")
 
 
 # Files already found readable in this process, by (path, size, mtime): a run checks its inputs
@@ -83,7 +102,11 @@ def _check_text_file(path: Path, field: str) -> None:
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, seen_text = 0, False
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{field}: {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    with f:
         while chunk := f.read(1 << 20):
             if b"\x00" in chunk:
                 raise DataError(f"{field}: {path} looks binary (NUL byte near offset {offset + chunk.index(0)}); "

@@ -326,7 +326,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         "tokens_seen": int(trainer.global_step * tokens_per_step),
         # Unique training tokens (whole blocks) and passes over them: > 1 means repeated data.
         "train_tokens_unique": len(data.train_set) * data.block_size,
-        "epochs": round(trainer.global_step * tokens_per_step / (len(data.train_set) * data.block_size), 4),
+        "epochs": round(trainer.global_step * tokens_per_step / (len(data.train_set) * data.block_size), 6),
         "data_prepared": data.stats.get("prepared"),
         "wall_s": round(module.train_wall_s, 3),
         "invocation_wall_s": round(time.perf_counter() - started, 3),
