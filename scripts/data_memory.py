@@ -173,9 +173,8 @@ def main() -> None:
               "command": " ".join(["python", *sys.argv])}
     path = out_dir / "data_memory.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    old_cases = old.get("cases", {})
-    old_cases.update(cases)
-    record["cases"] = old_cases
+    record["cases"] = {**old.get("cases", {}), **cases}
+    record["inputs"] = {**old.get("inputs", {}), **inputs}
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
 
