@@ -56,11 +56,11 @@ class Source:
     """A corpus as two document streams plus everything that identifies it."""
 
     def __init__(self, description: dict, train: callable, validation: callable, holdout_tokens: int | None = None,
-                 total_bytes: int | None = None):
+                 sizes: dict | None = None):
         self.description = description      # goes into the folder's key and meta.json
         self.train, self.validation = train, validation  # callables returning fresh iterators
         self.holdout_tokens = holdout_tokens  # validation taken from the head of the train stream
-        self.total_bytes = total_bytes
+        self.sizes = sizes or {}  # split -> its text's size in bytes, where known (for the ETA)
 
 
 def describe_source(data: dict) -> Source:
@@ -74,8 +74,10 @@ def describe_source(data: dict) -> Source:
         def docs(held_out: bool):
             return lambda: (d["text"] for d in read_documents(corpus) if (d["title"] in VALIDATION_TITLES) == held_out)
 
+        sizes = {split: sum(len(d.encode()) for d in docs(held)()) for split, held in (("train", False),
+                                                                                          ("validation", True))}
         return Source({"kind": "embedded", "corpus": corpus, "sha256": hashlib.sha256(blob).hexdigest()[:16]},
-                      docs(False), docs(True))
+                      docs(False), docs(True), sizes=sizes)
     if kind == "files":
         field = data.get("text_field", "text")
         train_files = expand_paths(data["path"], "data.path")
@@ -89,7 +91,7 @@ def describe_source(data: dict) -> Source:
             return Source({"kind": "files", "train": files_fingerprint(train_files), "train_files": len(train_files),
                            "validation": files_fingerprint(val_files), "text_field": field},
                           stream(train_files, "data.path"), stream(val_files, "data.val_path"),
-                          total_bytes=size + sum(f.stat().st_size for f in val_files))
+                          sizes={"train": size, "validation": sum(f.stat().st_size for f in val_files)})
         fraction = float(data.get("val_fraction", 0.05))
         everything = stream(train_files, "data.path")
         n_docs = sum(1 for _ in everything())  # one cheap pass: the split is by document count
@@ -100,7 +102,8 @@ def describe_source(data: dict) -> Source:
         return Source({"kind": "files", "train": files_fingerprint(train_files), "train_files": len(train_files),
                        "val_fraction": fraction, "text_field": field},
                       lambda: (d for i, d in enumerate(everything()) if i < first),
-                      lambda: (d for i, d in enumerate(everything()) if i >= first), total_bytes=size)
+                      lambda: (d for i, d in enumerate(everything()) if i >= first),
+                      sizes={"train": size * (1 - fraction), "validation": size * fraction})
     if kind == "hub":
         name, config, revision = data.get("name"), data.get("config"), data.get("revision")
         if name in (None, "", "???"):
@@ -135,8 +138,8 @@ def prepared_name(data: dict, source: Source, tokenizer) -> str:
 
 
 # ------------------------------------------------------------------ tokenizing a stream
-def token_batches(docs: Iterable[str], tokenizer) -> Iterator[tuple[np.ndarray, int]]:
-    """(token ids with end-of-text after each document, number of documents) per batch."""
+def token_batches(docs: Iterable[str], tokenizer) -> Iterator[tuple[np.ndarray, int, int]]:
+    """(token ids with end-of-text after each document, documents, characters) per batch."""
     backend, eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
     pending: list[str] = []   # texts (whole documents or pieces) for one tokenizer call
@@ -150,7 +153,7 @@ def token_batches(docs: Iterable[str], tokenizer) -> Iterator[tuple[np.ndarray, 
             ids.append(np.asarray(enc.ids, dtype=np.int64))
             if end:
                 ids.append(np.array([eos], dtype=np.int64))
-        return np.concatenate(ids) if ids else np.empty(0, np.int64), sum(ends)
+        return np.concatenate(ids) if ids else np.empty(0, np.int64), sum(ends), size
 
     for doc in docs:
         pieces = list(split_long(doc, PIECE_CHARS)) if len(doc) > PIECE_CHARS else [doc]
@@ -166,36 +169,42 @@ def token_batches(docs: Iterable[str], tokenizer) -> Iterator[tuple[np.ndarray, 
 
 
 class Progress:
-    """A tqdm bar in tokens (with a total when a budget is set); tokens/s and ETA included."""
+    """A tqdm bar in tokens with tokens/s and an ETA: its total is the budget, or, when there is
+    none, an estimate from the text's size in bytes and the tokens per byte seen so far."""
 
-    def __init__(self, split: str, total: int | None):
+    def __init__(self, split: str, budget: int | None, text_bytes: float | None):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"prepare {split}", mininterval=1.0,
+        self.budget, self.text_bytes, self.bytes_seen = budget, text_bytes, 0
+        self.bar = tqdm(total=budget, unit="tok", unit_scale=True, desc=f"prepare {split}", mininterval=1.0,
                         file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, n: int) -> None:
-        self.bar.update(n)
+    def update(self, tokens: int, text_bytes: int) -> None:
+        self.bytes_seen += text_bytes
+        if self.budget is None and self.text_bytes and self.bytes_seen:
+            estimate = (self.bar.n + tokens) * self.text_bytes / self.bytes_seen
+            self.bar.total = max(int(estimate), self.bar.n + tokens)
+        self.bar.update(tokens)
 
     def close(self) -> None:
         self.bar.close()
 
 
 def write_split(folder: Path, split: str, docs: Iterable[str], tokenizer, budget: int | None, shard_tokens: int,
-                vocab: int, counts: np.ndarray | None) -> dict:
+                vocab: int, counts: np.ndarray | None, text_bytes: float | None = None) -> dict:
     """Tokenize ``docs`` into ``folder/split`` until the source or the budget ends."""
     writer = ShardWriter(folder / split, token_dtype(vocab), shard_tokens)
-    progress = Progress(split, budget)
+    progress = Progress(split, budget, text_bytes)
     documents = 0
     try:
-        for ids, n_docs in token_batches(docs, tokenizer):
+        for ids, n_docs, n_bytes in token_batches(docs, tokenizer):
             if budget is not None:
                 ids = ids[: budget - writer.tokens]
             writer.write(ids)
             if counts is not None:
                 counts += np.bincount(ids, minlength=vocab)[:vocab]
             documents += n_docs
-            progress.update(len(ids))
+            progress.update(len(ids), n_bytes)
             if budget is not None and writer.tokens >= budget:
                 break
     finally:
@@ -229,9 +238,10 @@ def build(folder: Path, data: dict, source: Source, tokenizer) -> dict:
         val_docs, train_docs = iter(held), rest
     else:
         train_docs, val_docs = source.train(), source.validation()
-    splits["train"] = write_split(folder, "train", train_docs, tokenizer, limits["train"], shard_tokens, vocab, counts)
+    splits["train"] = write_split(folder, "train", train_docs, tokenizer, limits["train"], shard_tokens, vocab, counts,
+                                  source.sizes.get("train"))
     splits["validation"] = write_split(folder, "validation", val_docs, tokenizer, limits["validation"], shard_tokens,
-                                       vocab, None)
+                                       vocab, None, source.sizes.get("validation"))
     for split, field in (("train", "data.max_train_tokens"), ("validation", "data.max_val_tokens")):
         info, budget = splits[split], limits[split]
         if budget is not None and info["tokens"] < budget:
