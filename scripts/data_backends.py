@@ -1,6 +1,6 @@
 """Which storage for prepared tokens? numpy shards (treeffn's path) against litdata and an Arrow dataset.
 
-    python scripts/data_backends.py                          # 300 MB corpus, 2 repeats, ~30-40 min on 2 cores
+    python scripts/data_backends.py                          # 300 MB corpus, 2 repeats: 30 min on 2 busy cores
     python scripts/data_backends.py --mb 20 --repeats 1      # a quick look (numbers not comparable)
     python scripts/data_backends.py --table results/data_backends/backends.json   # the docs/data.md table
 
@@ -651,6 +651,7 @@ def fmt(values, unit="", digits=0):
 
 
 def table(record: dict) -> str:
+    record = {**record, "summary": summarize(record)}
     rows = []
     head = ("| | " + " | ".join(b for b in BACKENDS if b in record["summary"]) + " |")
     rows.append(head)
@@ -663,7 +664,9 @@ def table(record: dict) -> str:
         ("prepare: peak RSS, largest process (MB)", lambda b: fmt(s[b]["prepare_max_rss_mb"])),
         ("prepare: peak PSS, all processes (MB)", lambda b: fmt(s[b]["prepare_tree_pss_mb"])),
         ("prepare: processes", lambda b: str(max(s[b]["prepare_processes"]))),
-        ("on disk (MB)", lambda b: fmt(s[b]["disk_mb"], digits=1)),
+        ("prepare: 1-min load average before (2 cores)", lambda b: fmt(s[b]["prepare_load1"], digits=1)),
+        ("on disk: prepared data (MB)", lambda b: fmt(s[b]["disk_mb"], digits=1)),
+        ("on disk: datasets cache beside it (MB)", lambda b: fmt(s[b]["extra_disk_mb"], digits=1)),
         ("train-read: RSS after imports (torch, sampler, library) (MB)", lambda b: fmt(s[b]["read_rss_after_imports_mb"])),
         ("train-read: RSS after opening the data (MB)", lambda b: fmt(s[b]["read_rss_after_open_mb"])),
         ("train-read: peak RSS (MB)", lambda b: fmt(s[b]["read_max_rss_mb"])),
@@ -696,6 +699,7 @@ def summarize(record: dict) -> dict:
             "prepare_processes": [m["tree_peak"]["processes"] for m in prep],
             "prepare_load1": [m["load_before"]["load1"] for m in prep],
             "disk_mb": [m["result"]["disk_mb"] for m in prep],
+            "extra_disk_mb": [m["result"].get("hf_cache_mb") for m in prep],
             "read_max_rss_mb": [m["time_v"].get("max_rss_mb") for m in read],
             "read_rss_after_imports_mb": [m["result"]["rss_after_imports_mb"] for m in read],
             "read_rss_after_open_mb": [m["result"]["rss_after_open_mb"] for m in read],
@@ -712,17 +716,16 @@ def summarize(record: dict) -> dict:
 def resume_text(backend: str, read: list[dict], own: dict | None) -> str:
     """Yes/no for random access by step (measured), and how; for litdata also its own loader's resume."""
     ok = bool(read) and all(m["result"]["step_from_seed_alone"] and m["result"]["warm_pass_equal"] for m in read)
-    how = {"numpy": "block index -> memmap slice",
-           "litdata": "StreamingDataset[i] with TokensLoader, driven by treeffn's sampler",
-           "arrow": "block index -> slice of the mapped Arrow buffers (datasets' own API serves rows)"}[backend]
-    text = f"{'yes' if ok else 'no'} ({how})"
+    how = {"numpy": "block index -> memmap slice", "litdata": "`StreamingDataset[i]` (TokensLoader) + treeffn's sampler",
+           "arrow": "block index -> slice of the mapped Arrow buffers"}[backend]
+    text = f"{'yes' if ok else 'no'}: {how}"
     if backend == "litdata" and own:
         def exact(key):
             r = own.get(key, {})
             return "error" if "error" in r else ("exact" if all(r.get("batches_equal_uninterrupted", [])) else "not exact")
-        same = "equal" if all(own.get("first_4_batches_equal_workers_0_vs_2", [])) else "differ"
-        text += (f"; its own StreamingDataLoader.state_dict() resume: {exact('workers_2_to_2')} with the same workers, "
-                 f"{exact('workers_2_to_1')} from 2 to 1 worker; its batches {same} between 0 and 2 workers")
+        same = "same" if all(own.get("first_4_batches_equal_workers_0_vs_2", [])) else "other"
+        text += (f"; own loader state_dict: {exact('workers_2_to_2')} (2->2 workers), {exact('workers_2_to_1')} "
+                 f"(2->1), but {same} batches with 0 vs 2 workers")
     return text
 
 
@@ -826,7 +829,7 @@ def main() -> None:
     got = {b: (c or {}).get("sha256") for b, c in checks.items()}
     keys = ("tokens", "documents", "sha256", "sha256_first_1M", "sha256_last_1M")
     record["streams_identical"] = (len({tuple((c or {}).get(k) for k in keys) for c in checks.values()}) == 1
-                                   and None not in got.values())
+                                   and None not in got.values()) if len(checks) > 1 else None  # None: nothing to compare
     record["code_size"] = code_size()
     record["summary"] = summarize(record)
     record["total_seconds"] = round(time.time() - started, 1)
