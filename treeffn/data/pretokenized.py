@@ -15,7 +15,6 @@ baseline; its result is cached by the files' path, size and modification time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from treeffn.data.shards import META_FILE, TokenStream, read_meta
-from treeffn.data.sources import DataError
+from treeffn.data.sources import DataError, files_fingerprint
 
 TOKEN_SUFFIXES = (".u16", ".bin", ".u16.xz", ".bin.xz", ".npy")
 
@@ -38,19 +37,11 @@ def _suffix(path: Path) -> str:
     return ""
 
 
-def _stat_key(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def _decompressed(path: Path, cache_dir: Path) -> Path:
     """An ``.xz`` token file decompressed once into the cache (streamed, bounded memory)."""
     from treeffn.data.prepare import exclusive
 
-    out = Path(cache_dir) / "tokens" / f"{path.name[:-3]}-{_stat_key([path])}"
+    out = Path(cache_dir) / "tokens" / f"{path.name[:-3]}-{files_fingerprint([path])}"
     if out.is_file():
         return out
     with exclusive(out.with_name(out.name + ".lock"), str(path)):
@@ -139,7 +130,7 @@ def open_token_streams(data_cfg: dict, cache_dir: Path, tokenizer) -> tuple[Toke
         train = token_file_stream(data_cfg["path"], "data.path", cache_dir)
         val = token_file_stream(data_cfg["val_path"], "data.val_path", cache_dir)
         vocab = len(tokenizer)
-        key = f"{_stat_key(train.files + val.files)}-{tokenizer_fingerprint(tokenizer)}"
+        key = f"{files_fingerprint(train.files + val.files)}-{tokenizer_fingerprint(tokenizer)}"
         record = Path(cache_dir) / "tokens" / f"scan-{key}.json"
         if record.is_file():
             stats = json.loads(record.read_text(encoding="utf-8"))
