@@ -9,7 +9,6 @@ mean logit per level. The last checkpoint also gives the path-usage map (tree ×
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from pathlib import Path
