@@ -128,3 +128,14 @@ def _hydra_parses(arg: str) -> bool:
     except HydraException:
         return False
     return True
+
+
+def _first_process() -> bool:
+    """Global rank 0, from the variables launchers set for the others (the same rule as
+    treeffn.training.distributed.is_global_zero, without importing torch here)."""
+    return all(os.environ.get(k, "0").strip() in ("", "0")
+               for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

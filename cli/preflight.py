@@ -55,7 +55,8 @@ def check_overrides(args: list[str], config_name: str = "config") -> None:
     for o in overrides:
         key = o.key_or_group
         if not o.is_delete() and not o.is_sweep_override() and o.value() == "":
-            raise OverrideError(f"{o.input_line} gives {key} no value; write {key}=null for none, or leave it out")
+            raise OverrideError(f"{o.input_line} gives {key} no value; give it one (null where none is allowed), "
+                                f"or leave it out")
         if o.is_sweep_override():
             values = _sweep_values(o)
             if values == []:
@@ -117,7 +118,7 @@ def check_keys(overrides: list, first_choices: list[str], config_name: str) -> N
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {' or '.join(close)}?" if close else "; `treeffn train --cfg job` lists the keys"
             raise OverrideError(f"{key} is not a config key{hint} (treeffn reads no other {section}.* keys)")
-        close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.8 if adding else 0.6)
+        close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.75 if adding else 0.6)
         if adding and not close:
             continue  # a new top-level annotation: stored in config.yaml and part of the run's identity
         hint = f"; did you mean {' or '.join(close)}?" if close else "; `treeffn train --cfg job` lists the keys"
@@ -128,14 +129,14 @@ def _compose(config_name: str, overrides: list[str]):
     """The config with these preset choices (no other overrides), and the choice of each group."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict, read_write
 
     GlobalHydra.instance().clear()
     with initialize_config_module("treeffn.conf", version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     GlobalHydra.instance().clear()
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if "/" not in k}
-    with OmegaConf.read_write(cfg), OmegaConf.open_dict(cfg):  # hydra.* keys are Hydra's business
+    with read_write(cfg), open_dict(cfg):  # hydra.* keys are Hydra's business
         del cfg["hydra"]
     return cfg, choices
 

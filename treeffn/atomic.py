@@ -48,9 +48,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        full = storage_error(e)
+        if full is not None and full.filename is None:
+            full.filename = str(path)  # a failed write() does not say which file; the user needs to know
         raise
     fsync_folder(path.parent)
 

@@ -138,7 +138,8 @@ def check_training_memory(cfg: dict, limit_bytes: int, where: str, bytes_per_val
     activations = training_activation_bytes(model, tree, tokens, bytes_per_value)
     needed = processes * (weights + activations)
     if needed > limit_bytes:
-        shape = f"tree.depth={tree['depth']} with {resolve_trees(model, tree)} trees per layer"
+        k = resolve_trees(model, tree)
+        shape = f"tree.depth={tree['depth']} ({k} tree{'s' if k > 1 else ''} per layer)"
         raise ConfigError(
             f"{shape} needs an estimated {needed / 2**30:.1f} GiB to train ({weights / 2**30:.1f} GiB of FFN "
             f"weights and optimizer state, at least {activations / 2**30:.1f} GiB of training-path activations "
@@ -226,7 +227,8 @@ def validate_train_config(cfg: dict) -> None:
         raise ConfigError(f"optim.lr={optim.get('lr')!r} is not allowed; it must be a number > 0")
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"seed={seed!r} is not allowed; it must be an integer from 0 to {MAX_SEED}")
+        shown = "null" if seed is None else repr(seed)
+        raise ConfigError(f"seed={shown} is not allowed; it must be an integer from 0 to {MAX_SEED}")
     _int_at_least("trainer.max_steps", trainer.get("max_steps"), 1)
     _int_at_least("trainer.val_check_interval", trainer.get("val_check_interval"), 1)
     _int_at_least("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 1), 1)

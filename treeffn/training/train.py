@@ -146,18 +146,18 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
                                                           "error": str(e)}))
         raise e from None
     except BaseException as e:
+        full = storage_error(e)
+        error = _storage_message(full, run_dir) if full is not None else f"{type(e).__name__}: {e}".strip()
         if _is_global_zero():
-            error = f"{type(e).__name__}: {e}".strip()
             # result.json keeps the last good record (a finished or preempted run); the failure goes
             # beside it, and to the index. On a full disk these writes may fail too: never mask e.
             _record_quietly(lambda: write_json_atomic(run_dir / FAILURE_FILE, {
                 "format": RESULT_FORMAT, "status": "failed", "error": error, "time": time.time(),
-                "run_dir": str(run_dir), "seed": cfg.get("seed")}))
+                "run_dir": str(run_dir), "seed": cfg.get("seed")}), quiet=full is not None)
             _record_quietly(lambda: append_record(index, {"run_dir": str(run_dir), "status": "failed",
-                                                          "error": error}))
-        full = storage_error(e)
+                                                          "error": error}), quiet=full is not None)
         if full is not None:
-            raise StorageError(_storage_message(full, run_dir)) from e
+            raise StorageError(error) from e
         raise
     finally:
         release_run_dir(run_dir)
@@ -188,22 +188,28 @@ def _is_global_zero() -> bool:
     return is_global_zero()
 
 
-def _record_quietly(write) -> None:
-    """Write a record of a stop or failure; when the disk refuses that too, say so on stderr."""
+def _record_quietly(write, quiet: bool = False) -> None:
+    """Write a record of a stop or failure; when the disk refuses that too, say so on stderr
+    (``quiet``: not when the error being recorded already says the disk refuses writes)."""
     import sys
 
     try:
         write()
     except OSError as e:
-        print(f"treeffn train: warning: could not record the outcome ({e})", file=sys.stderr)
+        if not quiet:
+            print(f"treeffn train: warning: could not record the outcome ({e})", file=sys.stderr)
 
 
 def _storage_message(error: OSError, run_dir: Path) -> str:
     from treeffn.training.run_files import pick_resume_checkpoint
 
     where = error.filename or run_dir
+    import warnings
+
     try:
-        ckpt = pick_resume_checkpoint(run_dir / "checkpoints")
+        with warnings.catch_warnings():  # which checkpoint is unreadable is for the rerun to say
+            warnings.simplefilter("ignore")
+            ckpt = pick_resume_checkpoint(run_dir / "checkpoints")
     except (ConfigError, OSError):
         ckpt = None
     kept = (f"the newest good checkpoint, {ckpt}, is intact: free space (or fix the folder) and rerun the same "
