@@ -133,6 +133,15 @@ class Preemption(L.Callback):
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Loggers start between setup and here, and W&B installs its own SIGTERM handler: take the
+        # signals back, and restore that handler at teardown (as it would be without us).
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if current != self._handle:
+                self._previous[sig] = current
+                signal.signal(sig, self._handle)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
