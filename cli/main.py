@@ -81,6 +81,7 @@ PATH_KEYS = {
     "eval": ("run", "ckpt", "model.path", "output_dir"),
     "prune": ("run", "out", "text"),
     "analyze": ("run", "out"),
+    "report": ("sweep", "runs_root", "out"),
 }
 HYDRA_VERBS = ("train", "eval")
 

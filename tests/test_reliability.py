@@ -287,12 +287,11 @@ def test_a_second_ctrl_c_ends_the_process_at_once(tmp_path):
 
 # ------------------------------------------------------------------ a full disk
 def fill_filesystem(path) -> None:
-    with open(path, "wb") as f:
-        for chunk in (1 << 20, 1 << 12):
+    with open(path, "wb", buffering=0) as f:  # unbuffered: nothing left over to fail at close
+        for chunk in (1 << 20, 1 << 12, 1):
             try:
                 while True:
                     f.write(b"\0" * chunk)
-                    f.flush()
             except OSError:
                 pass
 

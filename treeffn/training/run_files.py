@@ -62,11 +62,14 @@ def claim_run_dir(run_dir: Path) -> None:
     """Create the run dir, mark it as treeffn's and take its lock (until ``release_run_dir``);
     then clear temporaries a killed run left (safe: the lock means no other writer)."""
     from treeffn import __version__
-    from treeffn.atomic import remove_temporaries, write_json_atomic
+    from treeffn.atomic import remove_temporaries
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / MARKER).exists():
-        write_json_atomic(run_dir / MARKER, {"written_by": "treeffn", "treeffn": __version__})
+    try:  # the first file in the folder, under its own name (other ranks may be looking already)
+        with open(run_dir / MARKER, "x", encoding="utf-8") as f:
+            f.write(json.dumps({"written_by": "treeffn", "treeffn": __version__}) + "\n")
+    except FileExistsError:
+        pass
     hold_run_dir(run_dir)
     for folder in (run_dir, run_dir / "checkpoints"):
         remove_temporaries(folder)

@@ -1,12 +1,14 @@
 """``treeffn train``: one training run from a composed config to a finished run dir.
 
 Run dir layout:
+    .treeffn-run         the marker: treeffn's folder (run_files.py has the ownership rules)
     config.yaml          resolved config of this run
     command.json         the command line and its Hydra overrides
     environment.json     git revision, package versions, hardware
-    checkpoints/         last.ckpt plus periodic step checkpoints
+    checkpoints/         last.ckpt plus periodic step checkpoints (written atomically)
     logs/csv/metrics*.csv, wandb/   logged metrics
-    result.json          the machine-readable result record
+    result.json          the machine-readable result record (the last good one)
+    failure.json         the newest attempt's error, while it is the newest attempt
 """
 
 from __future__ import annotations
@@ -227,9 +229,9 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     check_written_by_older_treeffn(run_dir)
     check_run_dir_is_ours(run_dir)  # someone else's files are never overwritten
     check_same_experiment(cfg, run_dir)  # nor another command's run
-    ckpt = find_resume_checkpoint(cfg, run_dir)
     if cfg["resume"] == "auto" and (done := finished_result(run_dir, cfg)) is not None:
         return {**done, "already_finished": True}  # nothing to train, nothing rewritten
+    ckpt = find_resume_checkpoint(cfg, run_dir)
     from treeffn.data.sources import check_inputs
 
     check_inputs(cfg["data"])  # missing, empty, binary or non-UTF-8 files: refused before the heavy imports
