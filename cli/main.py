@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         getattr(importlib.import_module(module), func)()
     except KeyboardInterrupt:  # Ctrl-C before a run began (training handles its own: it saves first)
-        print(f"\ntreeffn {verb}: interrupted before anything was written", file=sys.stderr)
+        print(f"\ntreeffn {verb}: interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -243,6 +243,9 @@ def check_run_dir_writable(overrides: list, multirun: bool) -> None:
     if not isinstance(target, str) or "${" in target:
         return  # an interpolation: resolved by Hydra; writes there are checked when they happen
     folder = Path(os.path.expanduser(target)).absolute()
+    if folder.is_symlink() and not folder.exists():
+        raise OverrideError(f"{key}={target}: {folder.name} is a symlink to nothing (or a symlink loop); "
+                            f"give a new or empty folder")
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():

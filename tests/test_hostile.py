@@ -89,6 +89,8 @@ CASES = [
     case("tree=dense", "resume={root}/truncated.ckpt", words="cannot be read"),
     case("tree=dense", "resume={root}/evil.ckpt", words="cannot be read"),
     case("tree=dense", "resume={root}/nothing.ckpt", words="no such checkpoint file"),
+    case("tree=dense", "resume={root}/fifo.ckpt", words=("fifo.ckpt: a FIFO (named pipe)", "not a checkpoint")),
+    case("tree=dense", "resume={root}/loop.ckpt", words="loop.ckpt: a symlink loop"),
     # run dirs: someone else's, another experiment's, a newer treeffn's, unwritable ones
     case("hydra.run.dir={root}/foreign", words=("config.yaml, result.json", "which treeffn did not write",
                                                 ".treeffn-run")),
@@ -97,6 +99,7 @@ CASES = [
     case("tree.depth=2", "hydra.run.dir={root}/dense_run", words="holds a run with different tree"),
     case("tree=dense", "+note=another", "hydra.run.dir={root}/dense_run",
          words=("holds a run with different note", "unset there")),
+    case("hydra.run.dir={root}/loop_run", words="loop_run is a symlink to nothing (or a symlink loop)"),
     case("hydra.run.dir=/proc/x", words=("hydra.run.dir=/proc/x cannot be written", "/proc")),
     case("hydra.run.dir={readonly}/run", words=("cannot be written", "{readonly}"), needs="readonly"),
 ]
@@ -133,6 +136,9 @@ def hostile_root(tmp_path_factory, cache_dir):
     foreign.mkdir()
     (foreign / "config.yaml").write_text("mine: 1\n")
     (foreign / "result.json").write_text("{}\n")
+    os.mkfifo(root / "fifo.ckpt")
+    os.symlink(root / "loop.ckpt", root / "loop.ckpt")
+    os.symlink(root / "loop_run", root / "loop_run")
     (root / "sweep").mkdir()
     (root / "sweep" / "multirun.yaml").write_text("# an earlier sweep's record\n")
     return root
@@ -160,7 +166,7 @@ def readonly_dir(tmp_path_factory):
 
 
 def tree_hashes(root) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "not a file"
             for p in sorted(root.rglob("*"))}
 
 
@@ -174,7 +180,9 @@ def test_hostile_input_is_refused_in_one_line_and_changes_nothing(hostile_root, 
     fresh = root / "fresh_run"
     own_dir = any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args)
     before = tree_hashes(root)
-    out = run_cli(["train", *TINY, *args, *([] if own_dir else [f"hydra.run.dir={fresh}"])], cwd=root, timeout=180)
+    flags = [a for a in args if a.startswith("-")]  # -m goes before the overrides (Hydra's argparse)
+    overrides = [a for a in args if not a.startswith("-")] + ([] if own_dir else [f"hydra.run.dir={fresh}"])
+    out = run_cli(["train", *flags, *TINY, *overrides], cwd=root, timeout=180)
     assert out.returncode == row.exit_code, (out.returncode, out.stderr[-2000:])
     lines = [line for line in out.stderr.splitlines() if line.startswith("treeffn train: error:")]
     assert len(lines) == 1, out.stderr[-2000:]

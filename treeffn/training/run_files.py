@@ -28,6 +28,27 @@ _HELD_RUN_DIRS: dict = {}
 
 
 # ------------------------------------------------------------------------------ ownership
+def unusable_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a regular file (missing, a symlink loop, a FIFO, a folder),
+    or None when it can."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop (the link points back at itself)"
+        return "no such checkpoint file" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "not a regular file (a device or socket)"
+        return f"{kind}, not a checkpoint file"
+    return None
+
+
+
 def check_run_dir_is_ours(run_dir: Path) -> None:
     """Refuse a run dir treeffn may not write: the folder the command runs in (or one holding
     it), a file, or a non-empty folder without treeffn's marker."""
@@ -38,6 +59,9 @@ def check_run_dir_is_ours(run_dir: Path) -> None:
                           f"the run dir and its files into it: give hydra.run.dir a new folder (e.g. runs/mine)")
     if not run_dir.exists() and not run_dir.is_symlink():
         return
+    if not run_dir.exists():
+        raise ConfigError(f"run dir {run_dir} is a symlink to nothing (or a symlink loop); give hydra.run.dir a "
+                          f"new or empty folder")
     if not run_dir.is_dir():
         raise ConfigError(f"run dir {run_dir} is not a folder; give hydra.run.dir a new or empty folder")
     entries = sorted(os.listdir(run_dir))

@@ -22,7 +22,7 @@ from treeffn.config import ConfigError, resolve_trees, validate_train_config
 from treeffn.atomic import atomic_folder, storage_error, write_json_atomic, write_text_atomic
 from treeffn.results.record import FAILURE_FILE, RESULT_FORMAT, environment_snapshot
 from treeffn.training.run_files import (check_run_dir_is_ours, check_same_experiment,
-                                       check_written_by_older_treeffn, finished_result)
+                                       check_written_by_older_treeffn, finished_result, unusable_file)
 
 class Preempted(RuntimeError):
     """The run stopped on a signal after saving a checkpoint; the same command continues it.
@@ -54,8 +54,9 @@ def find_resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
     if resume == "auto":
         return pick_resume_checkpoint(folder)
     path = Path(resume).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"resume={resume}: no such checkpoint file")
+    problem = unusable_file(path)
+    if problem:
+        raise ConfigError(f"resume={resume}: {problem}; give the path of a .ckpt file")
     return path
 
 
