@@ -15,7 +15,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from treeffn.atomic import atomic_open
-
 from treeffn.config import ConfigError
 
 

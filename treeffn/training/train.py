@@ -204,11 +204,12 @@ def _record_quietly(write, quiet: bool = False) -> None:
 
 
 def _storage_message(error: OSError, run_dir: Path) -> str:
+    """One line: the file, the reason, and the checkpoint the same command will continue from."""
+    import warnings
+
     from treeffn.training.run_files import pick_resume_checkpoint
 
     where = error.filename or run_dir
-    import warnings
-
     try:
         with warnings.catch_warnings():  # which checkpoint is unreadable is for the rerun to say
             warnings.simplefilter("ignore")
