@@ -254,11 +254,11 @@ def test_ctrl_c_saves_the_rerun_continues_and_a_finished_run_is_left_alone(tmp_p
     assert again.stdout.strip().splitlines()[-1] == f"run dir: {run}"
     assert file_hashes(runs) == before  # no new metrics row, no rewritten record, no index line
 
+    # Hydra's parser used to reject this path ("=" in a value); prune and analyze parse the same
+    # way after treeffn.cli.main.path_arguments (tests/test_run_dir.py), so one verb runs here.
     evaluated = run_cli(["eval", f"run={printed}", "tasks=[]", "texts=[validation]"], cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    pruned = run_cli(["prune", f"run='{printed}'", "max_blocks=2", f"out={tmp_path / 'pruned'}"], cwd=tmp_path)
-    assert pruned.returncode == 0, pruned.stderr[-2000:]
-    assert (tmp_path / "pruned" / "config.json").exists()
+    assert json.loads((run / "eval.json").read_text())["perplexity"]["validation"]["ppl"] > 1
 
 
 # The Preemption callback's signal handling, in a process of its own: the first Ctrl-C asks for a

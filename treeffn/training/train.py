@@ -237,6 +237,9 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.data.sources import check_inputs
 
     check_inputs(cfg["data"])  # missing, empty, binary or non-UTF-8 files: refused before the heavy imports
+    from treeffn.training.resources import check_machine_fits
+
+    check_machine_fits(cfg, precision_for(cfg["trainer"]["precision"]))  # processes, memory: before building
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -246,13 +249,12 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.models.build import accounting, build_model
     from treeffn.training.callbacks import InitialCheckpoint, RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
-    from treeffn.training.distributed import (RankSeed, accumulation, check_machine_fits, check_resume_batch, is_fsdp,
-                                              launched_ranks, make_strategy, rank_command)
+    from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
+                                              make_strategy, rank_command)
     from treeffn.training.reliability import (AtomicCheckpointIO, NonFiniteGuard, Preemption, RNGState,
                                               check_checkpoint_fits)
     from treeffn.training.run_files import checkpoint_step, claim_run_dir
 
-    check_machine_fits(cfg, precision_for(cfg["trainer"]["precision"]))  # processes, memory: before building
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     data = TextDataModule(cfg["data"], seed=cfg["seed"])
