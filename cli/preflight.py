@@ -58,6 +58,9 @@ def check_overrides(args: list[str], config_name: str = "config") -> None:
             raise OverrideError(f"{o.input_line} gives {key} no value; give it one (null where none is allowed), "
                                 f"or leave it out")
         if o.is_sweep_override():
+            if not parsed.multirun:
+                raise OverrideError(f"{o.input_line} gives several values; add -m to run one job per value "
+                                    f"(treeffn train -m ...), or give one value")
             values = _sweep_values(o)
             if values == []:
                 raise OverrideError(f"{o.input_line} sweeps over no values, so no job would run; give at least one")

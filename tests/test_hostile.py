@@ -75,6 +75,7 @@ CASES = [
     case("trainer.accelerator=cpu", f"trainer.devices={TOO_MANY_CPUS}",
          words=(f"trainer.devices={TOO_MANY_CPUS}", f"{TOO_MANY_CPUS - 1} CPU cores")),
     # sweeps: refused before multirun.yaml is written (the fixture's must stay as it is)
+    case("seed=0,1", words=("seed=0,1 gives several values", "add -m")),
     case("-m", "seed=", "hydra.sweep.dir={root}/sweep", words="gives seed no value"),
     case("-m", "seed=range(0,0)", "hydra.sweep.dir={root}/sweep", words="sweeps over no values"),
     case("-m", "seed=0,abc", "hydra.sweep.dir={root}/sweep", words=("seed='abc' is not allowed", "seed=0,abc")),
