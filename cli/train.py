@@ -60,6 +60,7 @@ def main(cfg: DictConfig) -> float | None:
         from treeffn.training.reliability import pass_on_signal
 
         print(f"treeffn train: {e.status}: {e}", file=sys.stderr)
+        remove_if_empty(run_dir)  # stopped before anything was written: leave no empty folder
         pass_on_signal(e.signal_name)  # under submitit: its SIGUSR2 handler requeues the job and exits
         sys.exit(EXIT_INTERRUPTED if e.status == "interrupted" else EXIT_PREEMPTED)
     if result.get("already_finished"):

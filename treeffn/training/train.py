@@ -141,7 +141,7 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
         raise  # bad input: nothing ran, nothing is recorded (and Lightning need not be imported)
     except (Preempted, KeyboardInterrupt) as e:
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside the training loop (loading, the final export)
-            e = Preempted("interrupted (Ctrl-C) outside the training steps; the newest checkpoint in "
+            e = Preempted("Ctrl-C outside the training steps (while loading or exporting); the newest checkpoint in "
                           f"{run_dir / 'checkpoints'} (if any) is kept; rerun the same command to continue",
                           signal_name="SIGINT")
         if _is_global_zero():  # one record per run, whatever the number of ranks
