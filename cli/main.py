@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"treeffn: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     module, func, _ = VERBS[verb]
+    argv = [verb, *path_arguments(verb, argv[1:])]
     if verb == "train":
         from treeffn.cli.preflight import OverrideError, check_overrides
 
@@ -65,8 +66,71 @@ def main(argv: list[str] | None = None) -> int:
     # Hydra reads sys.argv itself; give it the verb's arguments under the verb's name. (Lightning
     # re-runs a command to start more ranks: treeffn.training.distributed.rank_command builds it.)
     sys.argv = [f"treeffn {verb}", *argv[1:]]
-    getattr(importlib.import_module(module), func)()
+    try:
+        getattr(importlib.import_module(module), func)()
+    except KeyboardInterrupt:  # Ctrl-C before a run began (training handles its own: it saves first)
+        print(f"\ntreeffn {verb}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# Arguments that name a folder or file, per verb. Their values are whatever the user pastes,
+# typically the "run dir: ..." line train prints, whose names hold "=" and ",".
+PATH_KEYS = {
+    "train": ("hydra.run.dir", "hydra.sweep.dir", "runs_root", "resume", "model.init_from", "data.path",
+              "data.val_path", "data.tokenizer"),
+    "eval": ("run", "ckpt", "model.path", "output_dir"),
+    "prune": ("run", "out", "text"),
+    "analyze": ("run", "out"),
+    "report": ("sweep", "runs_root", "out"),
+}
+HYDRA_VERBS = ("train", "eval")
+
+
+def path_arguments(verb: str, args: list[str]) -> list[str]:
+    """Path values as the verb's parser needs them, quoted by the user or not.
+
+    ``treeffn eval run=runs/trainer.max_steps=10`` would fail in Hydra's parser (an ``=`` in a
+    value): such values are quoted for Hydra. Whatever Hydra parses stays as given (a sweep
+    over paths, an interpolation). Verbs with plain key=value parsing (prune, analyze) get the
+    bare path when the user quoted it for Hydra (``run='runs/a=1'``).
+    """
+    keys = PATH_KEYS.get(verb, ())
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in keys:
+            out.append(arg)
+            continue
+        bare = _unquoted(value)
+        if verb in HYDRA_VERBS:
+            out.append(arg if _hydra_parses(arg) else f"{key}={_hydra_quoted(bare)}")
+        else:
+            out.append(f"{key}={bare}")
+    return out
+
+
+def _unquoted(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        inner = value[1:-1]
+        return inner.replace("\\" + value[0], value[0])
+    return value
+
+
+def _hydra_quoted(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _hydra_parses(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except HydraException:
+        return False
+    return True
 
 
 def _first_process() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 
@@ -9,17 +10,21 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 
-EXIT_BAD_INPUT = 2  # nothing ran; the message names the field or file
-EXIT_PREEMPTED = 3  # a signal stopped training after a checkpoint; rerun to continue
+EXIT_BAD_INPUT = 2  # bad input or storage that refuses writes; one line names it; nothing is lost
+EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2 stopped training after a checkpoint; rerun to continue
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) stopped training after a checkpoint (128 + SIGINT, as shells report it)
 
 
 def run_name(override_dirname: str) -> str:
-    """Run-dir name from the command's overrides: the same command, the same run dir."""
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname or "").strip("_")
-    if len(name) > 200:  # a cut name ends in a hash of the whole, so two long commands stay apart
-        import hashlib
-
-        name = name[:187] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    """Run-dir name from the command's overrides: the same command, the same run dir, and two
+    different commands never one. Characters a folder name should not carry become ``_``; when
+    that loses information (or the name is cut at 200 characters), ``@`` and a hash of the
+    whole overrides follow. A clean name never contains ``@``, so hashed names cannot collide
+    with clean ones."""
+    original = override_dirname or ""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", original).strip("_")
+    if name != original or len(name) > 200:
+        name = f"{name[:189]}@{hashlib.sha256(original.encode()).hexdigest()[:10]}"
     return name or "default"
 
 
@@ -54,9 +59,15 @@ def main(cfg: DictConfig) -> float | None:
     except Preempted as e:
         from treeffn.training.reliability import pass_on_signal
 
-        print(f"treeffn train: stopped: {e}", file=sys.stderr)
+        print(f"treeffn train: {e.status}: {e}", file=sys.stderr)
+        remove_if_empty(run_dir)  # stopped before anything was written: leave no empty folder
         pass_on_signal(e.signal_name)  # under submitit: its SIGUSR2 handler requeues the job and exits
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(EXIT_INTERRUPTED if e.status == "interrupted" else EXIT_PREEMPTED)
+    if result.get("already_finished"):
+        print(f"run dir {result['run_dir']} holds this command's finished run ({result['steps']} steps, validation "
+              f"perplexity {result['val_ppl']:.2f}); nothing to do (raise trainer.max_steps to train further)")
+        print(f"run dir: {result['run_dir']}")
+        return result["val_loss"]
     print_summary(result)
     return result["val_loss"]
 

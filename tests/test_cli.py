@@ -91,7 +91,7 @@ def test_dense_run_through_the_cli_with_wandb_offline(tmp_path, cache_dir):
                        "opt2.7b, opt350m, tiny"),
     (["-m", "model=tiny,opt9"], "model=opt9 is not a model preset"),
     (["tree.depht=3"], "tree.depht is not a config key; did you mean tree.depth"),
-    (["tree=dense", "tree.depth=4"], "tree.depth is not a config key"),
+    (["tree=dense", "tree.depth=4"], "tree.depth is not a setting of tree=dense, so it would be ignored"),
 ])
 def test_unknown_presets_and_keys_fail_with_one_line(tmp_path, args, fragment):
     out = run_cli(["train", *args, f"runs_root={tmp_path}/runs"], cwd=tmp_path, timeout=60)

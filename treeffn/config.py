@@ -30,6 +30,7 @@ HF_WIDTH_KEYS = {
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 MAX_DEPTH = 20
+MAX_SEED = 2**32 - 1  # what NumPy, and so Lightning's seed_everything, accepts
 STRATEGIES = ("auto", "ddp", "fsdp")  # trainer.strategy (conf/trainer/{cpu,gpu,ddp,fsdp}.yaml)
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 
@@ -88,10 +89,63 @@ def ffn_weight_count(model: dict, tree: dict) -> int:
 
 
 def machine_memory_bytes() -> int:
+    """Physical memory, or the container's limit (cgroup v2 or v1) when that is lower."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):  # pragma: no cover - non-POSIX
-        return 1 << 40
+        total = 1 << 40
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def training_activation_bytes(model: dict, tree: dict, tokens: int, bytes_per_value: int) -> int:
+    """A lower bound on the FFN activations one micro-batch of ``tokens`` keeps for the backward
+    pass, summed over layers.
+
+    The node family's masked training path computes every node for every token and keeps three
+    (tokens x nodes) tensors per layer (pre-activations, the path mask, the masked activations);
+    the leaf family's soft mixture keeps the router logits and every leaf's hidden units; a dense
+    MLP keeps its hidden units. The path-only Triton kernels keep far less, so they are not
+    counted here."""
+    if tree["ffn"] == "dense":
+        per_token = 2 * model["ffn_dim"]
+    elif tree.get("family", "node") == "leaf":
+        k, leaves = resolve_trees(model, tree), 2 ** tree["depth"]
+        per_token = 2 * k * (leaves * resolve_leaf_width(model, tree) + leaves - 1)
+    elif tree.get("impl", "auto") in ("auto", "masked"):
+        per_token = 3 * resolve_trees(model, tree) * nodes_per_tree(tree["depth"])
+    else:
+        return 0
+    return per_token * tokens * bytes_per_value * model["num_hidden_layers"]
+
+
+def check_training_memory(cfg: dict, limit_bytes: int, where: str, bytes_per_value: int = 4,
+                          processes: int = 1) -> None:
+    """Refuse a config whose FFN weights, optimizer state and training-path activations would not
+    fit in ``limit_bytes`` (the machine's memory, or one GPU's), before anything is built."""
+    model, tree, data = cfg["model"], cfg["tree"], cfg["data"]
+    if tree["ffn"] == "dense":
+        return
+    tokens = data["batch_size"] * data["block_size"]
+    weights = 3 * 4 * ffn_weight_count(model, tree) * model["num_hidden_layers"]  # fp32 weights + AdamW's 2 moments
+    activations = training_activation_bytes(model, tree, tokens, bytes_per_value)
+    needed = processes * (weights + activations)
+    if needed > limit_bytes:
+        k = resolve_trees(model, tree)
+        shape = f"tree.depth={tree['depth']} ({k} tree{'s' if k > 1 else ''} per layer)"
+        raise ConfigError(
+            f"{shape} needs an estimated {needed / 2**30:.1f} GiB to train ({weights / 2**30:.1f} GiB of FFN "
+            f"weights and optimizer state, at least {activations / 2**30:.1f} GiB of training-path activations "
+            f"for {tokens:,} tokens per micro-batch{f', x {processes} processes' if processes > 1 else ''}), "
+            f"more than {where}'s {limit_bytes / 2**30:.1f} GiB; use a smaller tree.depth, tree.trees or "
+            f"data.batch_size")
 
 
 def validate_model_and_tree(model: dict, tree: dict) -> None:
@@ -148,6 +202,11 @@ def validate_data(data: dict, model: dict) -> None:
             f"{model['max_position_embeddings']}; use data.block_size <= {model['max_position_embeddings']}"
         )
     _int_at_least("data.batch_size", data.get("batch_size"), 1)
+    fraction = data.get("val_fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction < 1):
+        raise ConfigError(f"data.val_fraction={fraction!r} is not allowed; it must be a number between 0 and 1 "
+                          f"(the share of documents held out for validation)")
     if data["source"] == "files":
         path = data.get("path")
         if path in (None, "", "???"):
@@ -174,7 +233,18 @@ def validate_train_config(cfg: dict) -> None:
     optim, trainer = cfg["optim"], cfg["trainer"]
     if not isinstance(optim.get("lr"), (int, float)) or optim["lr"] <= 0:
         raise ConfigError(f"optim.lr={optim.get('lr')!r} is not allowed; it must be a number > 0")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        shown = "null" if seed is None else repr(seed)
+        raise ConfigError(f"seed={shown} is not allowed; it must be an integer from 0 to {MAX_SEED}")
     _int_at_least("trainer.max_steps", trainer.get("max_steps"), 1)
+    _int_at_least("trainer.val_check_interval", trainer.get("val_check_interval"), 1)
+    _int_at_least("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 1), 1)
+    limit = trainer.get("limit_val_batches", 1.0)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or (
+            isinstance(limit, float) and limit > 1):
+        raise ConfigError(f"trainer.limit_val_batches={limit!r} is not allowed; use a number of batches (an "
+                          f"integer >= 0) or a fraction from 0.0 to 1.0")
     _int_at_least("optim.warmup_steps", optim.get("warmup_steps"), 0)
     _int_at_least("checkpoint.every_n_steps", cfg["checkpoint"].get("every_n_steps"), 1)
     _int_at_least("guard.max_non_finite_steps", cfg.get("guard", {}).get("max_non_finite_steps"), 1)

@@ -9,24 +9,13 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from treeffn.atomic import write_json_atomic, write_text_atomic  # noqa: F401  (their home before treeffn.atomic)
+
 RESULT_FILE = "result.json"
+FAILURE_FILE = "failure.json"  # the newest attempt's error, beside the last good result.json
 RESULT_FORMAT = 1
 PACKAGES = ("treeffn", "torch", "lightning", "transformers", "tokenizers", "datasets", "hydra-core",
             "omegaconf", "wandb", "numpy")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write then rename, so a reader (or a crash) never sees half a file. The temporary name
-    holds the pid: processes writing the same file at once (a sweep's jobs filling one cache)
-    each rename a whole file of their own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def git_revision() -> str | None:

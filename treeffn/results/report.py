@@ -9,6 +9,7 @@ Nothing is trained or evaluated here; everything comes from files the runs wrote
                                         (hydra.sweeper.params + the command's overrides) and
                                         how Hydra names run dirs
     <sweep dir>/<run>/result.json       each run's status and numbers (lm-eval results: eval.json)
+    <sweep dir>/<run>/failure.json      present when the run's newest attempt failed (its error)
     <sweep dir>/<run>/logs/csv/metrics*.csv   training curves
     <sweep dir>/index.jsonl             every job's outcome, with the error of a failed one
 
@@ -17,7 +18,7 @@ named the way Hydra names it, so a point that never started shows up as ``missin
 being silently absent. Rows group points by the sweep's declared factors (``sweep_meta.factors``)
 and aggregate the seeds: mean ± sample standard deviation over finished runs, n = finished /
 expected. Statuses: finished, failed (an error, a non-finite stop, or no result.json at all: the
-job was killed), preempted (stopped by a signal after a checkpoint; a rerun continues it),
+job was killed), preempted (stopped by a signal or Ctrl-C after a checkpoint; a rerun continues it),
 missing (never started).
 """
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from treeffn.results.index import INDEX_FILE, latest_by_run, read_index
-from treeffn.results.record import RESULT_FILE
+from treeffn.results.record import FAILURE_FILE, RESULT_FILE
 
 MULTIRUN_FILE = "multirun.yaml"
 EVAL_FILE = "eval.json"
@@ -192,17 +193,20 @@ def _norm(path) -> str:
 
 def point_of(values: dict, run_dir: Path, index: dict) -> Point:
     result = _read_json(run_dir / RESULT_FILE)
+    failure = _read_json(run_dir / FAILURE_FILE)  # the newest attempt failed; result.json keeps the last good record
     record = index.get(_norm(run_dir))
+    if failure is not None:
+        return Point(values, run_dir, "failed", failure.get("error") or "failed", result)
     if result is not None:
         status = result.get("status")
         if status == "finished":
             return Point(values, run_dir, "finished", result=result, eval=_read_json(run_dir / EVAL_FILE))
-        if status == "preempted":
+        if status in ("preempted", "interrupted"):
             return Point(values, run_dir, "preempted", f"stopped by {result.get('signal', 'a signal')} at step "
                          f"{result.get('steps', '?')}; rerun the sweep to continue it", result)
         detail = result.get("error") or result.get("stop_reason") or f"status {status}"
         return Point(values, run_dir, "failed", detail, result)
-    if record is not None and record.get("status") in ("failed", "preempted"):
+    if record is not None and record.get("status") in ("failed", "preempted", "interrupted"):
         return Point(values, run_dir, record["status"], record.get("error", ""))
     if run_dir.is_dir():
         return Point(values, run_dir, "failed", "no result.json: the job was killed (or is still running)")

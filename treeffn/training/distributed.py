@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from treeffn.config import ConfigError
+from treeffn.training.resources import requested_processes
 
 # Set by launchers for every process but the first: Lightning's own (LOCAL_RANK, NODE_RANK),
 # torchrun (RANK, GROUP_RANK), Slurm's srun (SLURM_PROCID).
@@ -136,18 +137,6 @@ def is_fsdp(trainer) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
 
     return isinstance(trainer.strategy, FSDPStrategy)
-
-
-def requested_processes(trainer_cfg: dict) -> int:
-    """Processes per node that trainer.devices asks for (``auto``/-1: every GPU, or 1 on CPU)."""
-    devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, list):
-        return len(devices)
-    if devices in ("auto", -1):
-        if trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
-            return 1
-        return torch.cuda.device_count()
-    return int(devices)
 
 
 # ------------------------------------------------------------------------------ launching ranks

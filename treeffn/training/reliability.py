@@ -1,15 +1,20 @@
-"""What keeps long runs dependable: exact resume state, preemption, non-finite steps, checkpoint checks."""
+"""What keeps long runs dependable: exact resume state, atomic checkpoints, preemption and
+Ctrl-C, non-finite steps, checkpoint checks."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from treeffn.atomic import atomic_open
 from treeffn.config import ConfigError
 
 
@@ -81,25 +86,60 @@ class NonFiniteGuard(L.Callback):
         self.skipped = int(state_dict.get("skipped", 0))
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its destination, fsyncs it and renames
+    it into place. Lightning's own writer stages the file in $TMPDIR and, when that is another
+    filesystem, copies it over the destination, truncating the previous good checkpoint first;
+    here a full disk or a kill mid-save leaves the previous checkpoint as it was."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+
 class Preemption(L.Callback):
     """On SIGTERM, SIGUSR1 or SIGUSR2 (what Slurm or submitit's launcher sends before a time
-    limit or a preemption) finish the current step, save ``last.ckpt`` and stop; rerunning the
-    same command continues the run. ``pass_on_signal`` then hands SIGUSR2 to the handler that
-    was there before (submitit's, which requeues the job)."""
+    limit or a preemption) and on Ctrl-C (SIGINT): finish the current step, save ``last.ckpt``
+    and stop; rerunning the same command continues the run. A second Ctrl-C ends the process at
+    once (what was being saved stays in a temporary file; the previous checkpoints are intact).
+    ``pass_on_signal`` then hands SIGUSR2 to the handler that was there before (submitit's,
+    which requeues the job)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, last_ckpt: Path):
         self.last_ckpt = Path(last_ckpt)
         self.received: str | None = None
+        self.saved_step: int | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.received == "SIGINT":  # the second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\ntreeffn train: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)",
+                  file=sys.stderr, flush=True)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # At the start of fit, before the checkpoint loads: a signal from here on is held until
+        # the next step ends (a Ctrl-C during loading still saves nothing new, it just stops there).
+        if not self._previous:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # Loggers start between setup and here, and W&B installs its own SIGTERM handler: take the
+        # signals back, and restore that handler at teardown (as it would be without us).
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            current = signal.getsignal(sig)
+            if current != self._handle:
+                self._previous[sig] = current
+                signal.signal(sig, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -110,7 +150,16 @@ class Preemption(L.Callback):
             return
         self.received = self.received or "a signal to another rank"
         trainer.save_checkpoint(str(self.last_ckpt))
+        self.saved_step = trainer.global_step
         trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # A signal during the last validation arrives after the last step's batch end: save here.
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False) and \
+                self.saved_step != trainer.global_step:
+            self.received = self.received or "a signal to another rank"
+            trainer.save_checkpoint(str(self.last_ckpt))
+            self.saved_step = trainer.global_step
 
     def teardown(self, trainer, pl_module, stage) -> None:
         for sig, handler in self._previous.items():

@@ -1,12 +1,14 @@
 """``treeffn train``: one training run from a composed config to a finished run dir.
 
 Run dir layout:
+    .treeffn-run         the marker: treeffn's folder (run_files.py has the ownership rules)
     config.yaml          resolved config of this run
     command.json         the command line and its Hydra overrides
     environment.json     git revision, package versions, hardware
-    checkpoints/         last.ckpt plus periodic step checkpoints
+    checkpoints/         last.ckpt plus periodic step checkpoints (written atomically)
     logs/csv/metrics*.csv, wandb/   logged metrics
-    result.json          the machine-readable result record
+    result.json          the machine-readable result record (the last good one)
+    failure.json         the newest attempt's error, while it is the newest attempt
 """
 
 from __future__ import annotations
@@ -17,18 +19,26 @@ import time
 from pathlib import Path
 
 from treeffn.config import ConfigError, resolve_trees, validate_train_config
-from treeffn.results.record import RESULT_FORMAT, environment_snapshot, write_json_atomic, write_text_atomic
+from treeffn.atomic import atomic_folder, storage_error, write_json_atomic, write_text_atomic
+from treeffn.results.record import FAILURE_FILE, RESULT_FORMAT, environment_snapshot
+from treeffn.training.run_files import (check_run_dir_is_ours, check_same_experiment,
+                                       check_written_by_older_treeffn, finished_result, unusable_file)
 
 class Preempted(RuntimeError):
-    """The run stopped on a signal after saving a checkpoint; the same command continues it."""
+    """The run stopped on a signal after saving a checkpoint; the same command continues it.
+
+    ``status`` is ``interrupted`` for Ctrl-C (SIGINT), ``preempted`` for the signals a scheduler
+    sends (SIGTERM, SIGUSR1, SIGUSR2)."""
 
     def __init__(self, message: str, signal_name: str | None = None):
         super().__init__(message)
         self.signal_name = signal_name
+        self.status = "interrupted" if signal_name == "SIGINT" else "preempted"
 
 
-# Keys whose change makes a different experiment: resuming across them is refused.
-IDENTITY_KEYS = ("model", "tree", "data", "seed")
+class StorageError(ConfigError):
+    """The run dir's storage refused a write (disk full, read-only, no permission). The message
+    names the file, the reason and the checkpoint a rerun continues from."""
 
 
 def find_resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
@@ -44,45 +54,10 @@ def find_resume_checkpoint(cfg: dict, run_dir: Path) -> Path | None:
     if resume == "auto":
         return pick_resume_checkpoint(folder)
     path = Path(resume).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"resume={resume}: no such checkpoint file")
+    problem = unusable_file(path)
+    if problem:
+        raise ConfigError(f"resume={resume}: {problem}; give the path of a .ckpt file")
     return path
-
-
-def check_written_by_older_treeffn(run_dir: Path) -> None:
-    """A run dir from a newer treeffn may hold records this version misreads: refuse it."""
-    import json
-
-    from treeffn import __version__
-
-    env = run_dir / "environment.json"
-    if not env.exists():
-        return
-    try:
-        theirs = json.loads(env.read_text())["versions"]["treeffn"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{env} is unreadable; this run dir was not written by a finished treeffn start") from None
-    if theirs and _version_tuple(theirs) > _version_tuple(__version__):
-        raise ConfigError(f"run dir {run_dir} was written by treeffn {theirs}, newer than this treeffn "
-                          f"{__version__}; upgrade treeffn or choose another hydra.run.dir")
-
-
-def _version_tuple(version: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else 0 for p in version.split("+")[0].split("."))
-
-
-def check_same_experiment(cfg: dict, run_dir: Path) -> None:
-    """Refuse to continue a run dir whose saved config is a different experiment."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
-    changed = [k for k in IDENTITY_KEYS if saved.get(k) != cfg.get(k)]
-    if changed:
-        raise ConfigError(f"run dir {run_dir} holds a run with different {', '.join(changed)}; "
-                          f"continue it with its own config or choose another hydra.run.dir")
 
 
 def precision_for(setting: str) -> str:
@@ -95,19 +70,20 @@ def precision_for(setting: str) -> str:
     return "32-true"
 
 
-def make_loggers(cfg: dict, run_dir: Path, resuming: bool, rank_zero: bool = True) -> list:
+def make_loggers(cfg: dict, run_dir: Path, resume_step: int, rank_zero: bool = True) -> list:
     """The configured loggers. Every rank gets them (Lightning logs from rank 0 only); only rank
-    0 touches files: the CSV part renaming and W&B's run id."""
+    0 touches files: the CSV parts (``resume_step``: the step training continues from) and W&B's
+    run id."""
     from lightning.pytorch.loggers import CSVLogger
+
+    from treeffn.training.run_files import start_metrics_part
 
     loggers = []
     names = cfg["logger"].get("names", [])
     if "csv" in names:
         csv_dir = run_dir / "logs" / "csv"
-        metrics = csv_dir / "metrics.csv"
-        if rank_zero and metrics.exists():  # Lightning's CSV writer would delete it: keep it as an earlier part
-            part = len(list(csv_dir.glob("metrics-part*.csv")))
-            metrics.rename(csv_dir / f"metrics-part{part:03d}.csv")
+        if rank_zero and csv_dir.is_dir():
+            start_metrics_part(csv_dir, resume_step)
         loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version="csv"))
     if "wandb" in names:
         loggers.append(make_wandb_logger(cfg, run_dir, rank_zero))
@@ -138,7 +114,7 @@ def make_wandb_logger(cfg: dict, run_dir: Path, rank_zero: bool = True):
     # ranks never start a W&B run (Lightning gives them a no-op experiment): no id needed.
     id_file = run_dir / "wandb_id.txt"
     if rank_zero and not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex[:12])
+        write_text_atomic(id_file, uuid.uuid4().hex[:12])
     run_id = id_file.read_text().strip() if rank_zero else None
     mode = wandb_mode(cfg["logger"].get("mode", "auto"))
     return WandbLogger(project=cfg["logger"].get("project", "treeffn"), name=run_dir.name, save_dir=str(run_dir),
@@ -149,7 +125,9 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     """Train one model as configured; writes the run dir and returns the result record.
 
     Every started run also appends its outcome to ``<run dir>/../index.jsonl`` (finished,
-    preempted or failed with its error), so a sweep's index shows every job.
+    preempted, interrupted or failed with its error), so a sweep's index shows every job. A run
+    dir that already holds this command's finished run is left as it is: the record returned
+    then has ``already_finished: True``.
     """
     validate_train_config(cfg)  # bad settings fail here, before torch and Lightning are imported
     from treeffn.results.index import INDEX_FILE, append_record
@@ -161,27 +139,33 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
         result = _train(cfg, run_dir, command)
     except ConfigError:
         raise  # bad input: nothing ran, nothing is recorded (and Lightning need not be imported)
-    except Preempted as e:
-        from treeffn.training.distributed import is_global_zero
-
-        if is_global_zero():  # one record per run, whatever the number of ranks
-            append_record(index, {"run_dir": str(run_dir), "status": "preempted", "error": str(e)})
-        raise
+    except (Preempted, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside the training loop (loading, the final export)
+            e = Preempted("Ctrl-C outside the training steps (while loading or exporting); the newest checkpoint in "
+                          f"{run_dir / 'checkpoints'} (if any) is kept; rerun the same command to continue",
+                          signal_name="SIGINT")
+        if _is_global_zero():  # one record per run, whatever the number of ranks
+            _record_quietly(lambda: append_record(index, {"run_dir": str(run_dir), "status": e.status,
+                                                          "error": str(e)}))
+        raise e from None
     except BaseException as e:
-        from treeffn.training.distributed import is_global_zero
-
-        if is_global_zero():
-            error = f"{type(e).__name__}: {e}".strip()
-            write_json_atomic(run_dir / "result.json", {"format": RESULT_FORMAT, "status": "failed", "error": error,
-                                                        "run_dir": str(run_dir), "seed": cfg.get("seed")})
-            append_record(index, {"run_dir": str(run_dir), "status": "failed", "error": error})
+        full = storage_error(e)
+        error = _storage_message(full, run_dir) if full is not None else f"{type(e).__name__}: {e}".strip()
+        if _is_global_zero():
+            # result.json keeps the last good record (a finished or preempted run); the failure goes
+            # beside it, and to the index. On a full disk these writes may fail too: never mask e.
+            _record_quietly(lambda: write_json_atomic(run_dir / FAILURE_FILE, {
+                "format": RESULT_FORMAT, "status": "failed", "error": error, "time": time.time(),
+                "run_dir": str(run_dir), "seed": cfg.get("seed")}), quiet=full is not None)
+            _record_quietly(lambda: append_record(index, {"run_dir": str(run_dir), "status": "failed",
+                                                          "error": error}), quiet=full is not None)
+        if full is not None:
+            raise StorageError(error) from e
         raise
     finally:
         release_run_dir(run_dir)
-    from treeffn.training.distributed import is_global_zero
-
-    if not is_global_zero():
-        return result  # the other ranks trained; rank 0 records and evaluates
+    if result.get("already_finished") or not _is_global_zero():
+        return result  # nothing was done / the other ranks trained; rank 0 records and evaluates
     append_record(index, {k: result.get(k) for k in ("run_dir", "status", "val_loss", "val_ppl", "steps",
                                                      "tokens_seen", "ffn", "model", "seed")})
     if cfg.get("eval_after_train") and result["status"] == "finished":
@@ -194,6 +178,49 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     return result
 
 
+def write_result(run_dir: Path, result: dict) -> None:
+    """A good record (finished, preempted, interrupted, stopped): result.json, and the failure
+    record of an earlier attempt is gone (the index keeps the history)."""
+    write_json_atomic(run_dir / "result.json", result)
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+
+
+def _is_global_zero() -> bool:
+    from treeffn.training.distributed import is_global_zero
+
+    return is_global_zero()
+
+
+def _record_quietly(write, quiet: bool = False) -> None:
+    """Write a record of a stop or failure; when the disk refuses that too, say so on stderr
+    (``quiet``: not when the error being recorded already says the disk refuses writes)."""
+    import sys
+
+    try:
+        write()
+    except OSError as e:
+        if not quiet:
+            print(f"treeffn train: warning: could not record the outcome ({e})", file=sys.stderr)
+
+
+def _storage_message(error: OSError, run_dir: Path) -> str:
+    """One line: the file, the reason, and the checkpoint the same command will continue from."""
+    import warnings
+
+    from treeffn.training.run_files import pick_resume_checkpoint
+
+    where = error.filename or run_dir
+    try:
+        with warnings.catch_warnings():  # which checkpoint is unreadable is for the rerun to say
+            warnings.simplefilter("ignore")
+            ckpt = pick_resume_checkpoint(run_dir / "checkpoints")
+    except (ConfigError, OSError):
+        ckpt = None
+    kept = (f"the newest good checkpoint, {ckpt}, is intact: free space (or fix the folder) and rerun the same "
+            f"command to continue" if ckpt else "no checkpoint was saved yet: free space (or fix the folder) and rerun")
+    return f"cannot write {where}: {error.strerror or error}; {kept}"
+
+
 def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     validate_train_config(cfg)
     if cfg.get("eval_after_train"):
@@ -202,12 +229,17 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         check_eval_after_train(run_dir, cfg)  # bad task names / no lm-eval: fail now, not after training
     run_dir = Path(run_dir)
     check_written_by_older_treeffn(run_dir)
+    check_run_dir_is_ours(run_dir)  # someone else's files are never overwritten
+    check_same_experiment(cfg, run_dir)  # nor another command's run
+    if cfg["resume"] == "auto" and (done := finished_result(run_dir, cfg)) is not None:
+        return {**done, "already_finished": True}  # nothing to train, nothing rewritten
     ckpt = find_resume_checkpoint(cfg, run_dir)
-    if ckpt is not None:
-        check_same_experiment(cfg, run_dir)
     from treeffn.data.sources import check_inputs
 
     check_inputs(cfg["data"])  # missing, empty, binary or non-UTF-8 files: refused before the heavy imports
+    from treeffn.training.resources import check_machine_fits
+
+    check_machine_fits(cfg, precision_for(cfg["trainer"]["precision"]))  # processes, memory: before building
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -219,8 +251,9 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.training.lm_module import CausalLMModule
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
                                               make_strategy, rank_command)
-    from treeffn.training.reliability import NonFiniteGuard, Preemption, RNGState, check_checkpoint_fits
-    from treeffn.training.run_files import hold_run_dir
+    from treeffn.training.reliability import (AtomicCheckpointIO, NonFiniteGuard, Preemption, RNGState,
+                                              check_checkpoint_fits)
+    from treeffn.training.run_files import checkpoint_step, claim_run_dir
 
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -272,6 +305,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         use_distributed_sampler=False,  # the DataModule's samplers shard by rank themselves
         logger=False,  # set below, once this process knows whether it is rank 0
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],  # temp file in checkpoints/, fsync, rename: never half a checkpoint
         enable_model_summary=False,
     )
     # The device count is known now (from the Trainer, which reads Slurm/torchrun settings too).
@@ -288,26 +322,26 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     # Everything above can fail on bad input; nothing in the run dir is written before this
     # line, and only by rank 0 (the other ranks of a job read these files, never write them).
     if rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        hold_run_dir(run_dir)  # released by train() when this run ends, however it ends
+        claim_run_dir(run_dir)  # marker and lock; the lock is released by train() however the run ends
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
         write_json_atomic(run_dir / "environment.json", environment_snapshot())
         if command is not None:
             write_json_atomic(run_dir / "command.json", command)
-    trainer.loggers = make_loggers(cfg, run_dir, resuming=ckpt is not None, rank_zero=rank_zero)
+    trainer.loggers = make_loggers(cfg, run_dir, resume_step=checkpoint_step(ckpt) if ckpt else 0,
+                                   rank_zero=rank_zero)
 
     tokens_per_step = global_blocks * data.block_size
     throughput.tokens_per_step = tokens_per_step
     with launched_ranks(ranks_command):  # Lightning starts the other ranks (if it does); ended after
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         if preemption.received:
-            result = {"format": RESULT_FORMAT, "status": "preempted", "signal": preemption.received,
-                      "steps": int(trainer.global_step), "run_dir": str(run_dir)}
+            stop = Preempted(f"received {preemption.received} at step {trainer.global_step}; checkpoint saved in "
+                             f"{run_dir / 'checkpoints' / 'last.ckpt'}; rerun the same command to continue",
+                             signal_name=preemption.received)
             if rank_zero:
-                write_json_atomic(run_dir / "result.json", result)
-            raise Preempted(f"received {preemption.received} at step {trainer.global_step}; checkpoint saved in "
-                            f"{run_dir / 'checkpoints' / 'last.ckpt'}; rerun the same command to continue",
-                            signal_name=preemption.received)
+                write_result(run_dir, {"format": RESULT_FORMAT, "status": stop.status, "signal": preemption.received,
+                                       "steps": int(trainer.global_step), "run_dir": str(run_dir)})
+            raise stop
 
         # The result's validation numbers come from the final weights (all ranks take part).
         if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
@@ -350,7 +384,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         if full_weights is not None:
             export = build_model(cfg["model"], cfg["tree"], vocab_size=data.vocab_size, **data.special_ids())
             export.load_state_dict({k[len("model."):]: v for k, v in full_weights.items() if k.startswith("model.")})
-        save_hf(export, data.tokenizer, run_dir / "hf")
+        with atomic_folder(run_dir / "hf") as staging:  # a failed export leaves the previous hf/ whole
+            save_hf(export, data.tokenizer, staging)
         result["hf_dir"] = str(run_dir / "hf")
     if guard.stop_reason:
         result["status"] = "stopped_non_finite"
@@ -360,7 +395,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     result["skipped_non_finite_steps"] = guard.skipped
     if not rank_zero:
         return result
-    write_json_atomic(run_dir / "result.json", result)
+    write_result(run_dir, result)
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.summary.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
