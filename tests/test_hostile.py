@@ -85,6 +85,17 @@ CASES = [
     case("data=files", "data.path={root}/binary.txt", words="looks binary"),
     case("data=files", "data.path={root}/latin1.txt", words="is not UTF-8 text"),
     case("data.tokenizer={root}/no_tokenizer", words="folder has no tokenizer files"),
+    case("data=files", "data.path={root}/no_text.jsonl", words=("no_text.jsonl line 2 has no 'text' field",
+                                                               "data.text_field", "its fields: body")),
+    case("data=files", "data.path={root}/bad_line5.jsonl", words="bad_line5.jsonl line 5 is not valid JSON"),
+    case("data=files", "data.path={root}/pipe.txt", words="pipe.txt: is a FIFO, not a regular file"),
+    case("data=files", "data.path={root}/loop.txt", words="loop.txt: is a symbolic-link loop"),
+    case("data=files", "data.path={root}/ok.txt", "data.max_train_tokens=100000000",
+         words=("data.max_train_tokens=100000000 is larger than the source", "lower data.max_train_tokens")),
+    case("data=tokens", "data.path={root}/prepared", "data.tokenizer={root}/other_tokenizer",
+         words=("shards were made with tokenizer 'embedded'", "use the tokenizer the shards were made with")),
+    case("data=tokens", "data.path={root}/truncated_prepared",
+         words=("truncated_prepared/train/000000.bin: token shard has", "prepare the data again")),
     # checkpoints
     case("tree.depth=2", "resume={root}/dense_run/checkpoints/last.ckpt", words="is of another architecture"),
     case("tree=dense", "resume={root}/truncated.ckpt", words="cannot be read"),
@@ -138,11 +149,38 @@ def hostile_root(tmp_path_factory, cache_dir):
     (foreign / "config.yaml").write_text("mine: 1\n")
     (foreign / "result.json").write_text("{}\n")
     os.mkfifo(root / "fifo.ckpt")
+    # data inputs (issue 13's bad input, issue 18's data cases)
+    (root / "no_text.jsonl").write_text('{"text": "a b c"}\n{"body": "d e f"}\n')
+    (root / "bad_line5.jsonl").write_text('{"text": "a"}\n' * 4 + '{"text": "e"\n')
+    os.mkfifo(root / "pipe.txt")
+    os.symlink(root / "loop.txt", root / "loop.txt")
+    prepared_corpus(root, tmp_path_factory.mktemp("prepare-cache"))
     os.symlink(root / "loop.ckpt", root / "loop.ckpt")
     os.symlink(root / "loop_run", root / "loop_run")
     (root / "sweep").mkdir()
     (root / "sweep" / "multirun.yaml").write_text("# an earlier sweep's record\n")
     return root
+
+
+def prepared_corpus(root, cache):
+    """A prepared copy of ok.txt (root/prepared), the same with a shard cut short
+    (root/truncated_prepared), and a tokenizer of another vocabulary (root/other_tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from treeffn.data.prepare import prepare_corpus
+    from treeffn.data.tokenizer import load_tokenizer
+
+    cfg = {"source": "files", "path": str(root / "ok.txt"), "val_path": str(root / "ok.txt"), "text_field": "text"}
+    folder, _ = prepare_corpus(cfg, load_tokenizer("embedded"), cache)
+    shutil.copytree(folder, root / "prepared")
+    shutil.copytree(folder, root / "truncated_prepared")
+    shard = root / "truncated_prepared" / "train" / "000000.bin"
+    os.truncate(shard, shard.stat().st_size - 10)
+    words = {"<|endoftext|>": 0, "[UNK]": 1, "To": 2, "be": 3}
+    other = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|endoftext|>").save_pretrained(root / "other_tokenizer")
 
 
 @pytest.fixture(scope="module")
