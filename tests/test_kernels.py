@@ -296,7 +296,7 @@ def test_auto_impl_by_device_and_batch(monkeypatch):
 
 
 def test_bench_smoke_on_cpu(tmp_path, capsys):
-    """`treeffn bench` end to end at a toy size: checks pass, table printed, JSON and Markdown written."""
+    """`treeffn bench` end to end at a toy size: checks pass, both timings per call, JSON and Markdown written."""
     import json
 
     from treeffn.kernels.bench import main
@@ -305,9 +305,52 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
                "--rep-ms", "1", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    timed = [r for r in result["rows"] if "median_us" in r]
+    timed = [r for r in result["rows"] if "loop_us" in r]
     assert {(r["path"], r["mode"]) for r in timed} >= {("dense", "fwd"), ("masked", "fwdbwd"), ("gather", "fwd")}
-    assert all(r["check"]["ok"] for r in timed)
-    assert "| custom:16,64,2,2 | 3 |" in (tmp_path / "bench.md").read_text()
+    assert all(r["check"]["ok"] and r["gpu_us"] > 0 and r["loop_us"] > 0 for r in timed)
+    assert all(len(r["loop_us_rounds"]) == 5 and r["loop_weight_copies"] >= 2 for r in timed)
+    assert all("speedup_vs_dense" in r and "gpu_only_speedup_vs_dense" in r for r in timed if r["path"] != "dense")
+    assert result["environment"]["load_average_1_5_15"] is not None
+    md = (tmp_path / "bench.md").read_text()
+    assert "| custom:16,64,2,2 | 3 |" in md and "loop µs per call, host included" in md and "GPU-only" in md
     assert "custom:16,64,2,2" in capsys.readouterr().out
     assert main(["--device", "cpu", "--modes", "backward", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "0"], "--tokens 0 is out of range"),
+    (["--tokens", "1,x"], "comma list of integers"),
+    (["--configs", "custom:7,13,1,99"], "depth D must be 0..20"),
+    (["--configs", "custom:7,13"], "four integers"),
+    (["--configs", "custom:2048,8192,64,20"], "too large to build"),
+    (["--configs", "opt9b"], "unknown config"),
+    (["--paths", "fast"], "--paths 'fast' is not allowed"),
+    (["--rep-ms", "-1"], "--rep-ms must be positive"),
+    (["--decode", "--decode-model", "gpt5"], "--decode-model 'gpt5'"),
+    (["--decode", "--decode-batches", "0"], "--decode-batches 0 is out of range"),
+    (["--placement", "middle"], "invalid choice"),
+])
+def test_bench_refuses_bad_input_in_one_line(argv, message, tmp_path, capsys):
+    from treeffn.kernels.bench import main
+
+    with pytest.raises(SystemExit) if argv[0] == "--placement" else _no_raise():
+        rc = main(["--device", "cpu", *argv, "--out", str(tmp_path)])
+        assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_bench_configs_mix_presets_and_custom():
+    from treeffn.kernels.bench.problems import split_configs
+
+    assert split_configs("opt125m-K24-D6,custom:16,64,2,2,opt1.3b-K64-D6") == [
+        "opt125m-K24-D6", "custom:16,64,2,2", "opt1.3b-K64-D6"]

@@ -42,8 +42,11 @@ from treeffn.kernels.triton_tree import ACT_IDS, _act, _p2, _warps
 # many tokens the multi-launch kernels (gather / GEMM form) take over. Batch 1-64 is the decode range.
 DECODE_MAX_TOKENS = 64
 
-# Tile choices can be overridden (the bench's --tune sweep and scripts/h200_decode.py use this).
+# Tile choices can be overridden: CONFIG_OVERRIDES for every call (the bench's --tune sweep), or
+# TUNED, token count -> tile, consulted first (the tile measured best for the smallest tuned count
+# at or above the call's; scripts/h200_decode.py fills it from a sweep in the same run).
 CONFIG_OVERRIDES: dict[str, int] = {}
+TUNED: dict[int, dict] = {}
 
 
 @triton.jit
@@ -166,6 +169,9 @@ def decode_config(tokens: int, d: int, trees: int, levels: int) -> dict:
     kb = 1 if tokens * trees >= 64 else min(_p2(trees), 4)
     bd = min(_p2(d), 1024)
     cfg = dict(KB=kb, SPEC=spec, BD=bd)
+    if TUNED:
+        above = [t for t in TUNED if t >= tokens]
+        cfg.update(TUNED[min(above) if above else max(TUNED)])
     cfg.update(CONFIG_OVERRIDES)
     cfg["SPEC"] = max(1, min(int(cfg["SPEC"]), levels, 3))
     return cfg
@@ -232,4 +238,4 @@ def tree_decode(x, w_in, b_in, w_out, trees: int, depth: int, placement: str = "
     return y, node
 
 
-__all__ = ["DECODE_MAX_TOKENS", "decode_config", "tree_decode", "workspace"]
+__all__ = ["CONFIG_OVERRIDES", "DECODE_MAX_TOKENS", "TUNED", "decode_config", "tree_decode", "workspace"]
