@@ -16,6 +16,7 @@ VERBS = {
     "analyze": ("treeffn.cli.analyze", "main", "auto-pruning: routing statistics and plots over a run's checkpoints"),
     "report": ("treeffn.cli.report", "main", "a sweep's runs as the paper-style table (Markdown, CSV, LaTeX) and plots"),
     "prune": ("treeffn.cli.prune", "run", "remove subtrees no token reaches; save the smaller model"),
+    "generate": ("treeffn.cli.generate", "main", "text and tokens/s from a trained model (static KV cache, CUDA graphs)"),
 }
 
 USAGE = """usage: treeffn <verb> [hydra overrides ...]
@@ -30,6 +31,7 @@ Examples:
   treeffn train -m tree.placement=node,post_sum   a sweep (Hydra multirun)
   treeffn train --cfg job                         print the composed config
   treeffn prune run=<run dir>                     drop unreached subtrees; params and perplexity before/after
+  treeffn generate run=<run dir> prompt="To be"  text and tokens/s (compile=true: CUDA graphs)
 """
 
 
@@ -48,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"treeffn: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     module, func, _ = VERBS[verb]
-    if verb == "train":
+    if verb in ("train", "generate"):
         from treeffn.cli.preflight import OverrideError, check_overrides
 
         try:
-            check_overrides(argv[1:])
+            check_overrides(argv[1:], **({"config_name": "generate", "verb": verb} if verb == "generate" else {}))
         except OverrideError as e:
             print(f"treeffn {verb}: error: {e}", file=sys.stderr)
             return 2

@@ -28,7 +28,7 @@ def group_choices(group: str) -> list[str]:
     return sorted(names)
 
 
-def check_overrides(args: list[str], config_name: str = "config") -> None:
+def check_overrides(args: list[str], config_name: str = "config", verb: str = "train") -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -44,11 +44,15 @@ def check_overrides(args: list[str], config_name: str = "config") -> None:
         raise OverrideError(str(e).strip().splitlines()[0]) from None
     first_choices: list[str] = []
     keys: list[str] = []
+    multirun = any(a in ("-m", "--multirun") for a in args)
     for o in overrides:
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra"):
             continue
         choices = group_choices(key)
+        if o.is_sweep_override() and not multirun and not choices:
+            raise OverrideError(f"{o.input_line}: Hydra reads the commas as a list of runs; quote the value "
+                                f"('{key}=\"...\"') or add -m to sweep")
         if choices:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             for value in values:
@@ -71,7 +75,7 @@ def check_overrides(args: list[str], config_name: str = "config") -> None:
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else "; `treeffn train --cfg job` lists the keys"
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; `treeffn {verb} --cfg job` lists the keys"
             raise OverrideError(f"{key} is not a config key{hint} (add a new key with +{key}=...)")
 
 

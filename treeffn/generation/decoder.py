@@ -89,16 +89,19 @@ class StaticDecoder:
         self.attn = [self._attention_weights(i, layer, cfg) for i, layer in enumerate(layers)]
         self.ffn = [_ffn_callable(self.family, layer) for layer in layers]
         a = self.attn[0]
-        if self.max_len > self.position_limit():
-            raise ValueError(f"{self.max_len} positions requested; the model has {self.position_limit()}")
+        limit = self.position_limit_of(model)
+        if self.max_len > limit:
+            raise ValueError(f"{self.max_len} positions requested; the model has {limit}")
         shape = (self.batch_size, a.kv_heads, self.max_len, a.head_dim)
         self.cache = [(torch.zeros(shape, device=self.device, dtype=self.dtype),
                        torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in layers]
         self.key_pos = torch.arange(self.max_len, device=self.device)
 
     # ------------------------------------------------------------------ set-up
-    def position_limit(self) -> int:
-        cfg = self.model.config
+    @staticmethod
+    def position_limit_of(model: nn.Module) -> int:
+        """Positions the model can embed (OPT / GPT-2: learned; Llama: its configured maximum)."""
+        cfg = model.config
         return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
 
     def _attention_weights(self, index: int, layer: nn.Module, cfg) -> AttentionWeights:
