@@ -2,7 +2,8 @@
 
 * ``tree_ffn_triton``: Triton kernels for CUDA (inference and training, with a custom
   autograd Function). Triton is optional: ``triton_available()`` says whether it imports.
-* ``treeffn.kernels.bench``: the ``treeffn bench`` benchmark.
+* ``tree_decode`` (triton_decode.py): the one-launch inference kernel for decode steps.
+* ``treeffn.kernels.bench``: the ``treeffn bench`` benchmark (a package).
 
 Nothing here is imported by ``treeffn.layers`` at module load; the layer asks for it lazily.
 """
@@ -28,13 +29,28 @@ def triton_available() -> bool:
 AUTO_TRITON_MAX_TOKENS = 1024
 
 
+# tree.impl=auto on the CPU at inference: the gather walk up to this many tokens per call, the
+# masked path (two GEMMs) above. Measured on this project's 2-core CPU machine, fp32, OPT-125M
+# and OPT-1.3B widths with depth-6 trees (results/cpu_auto_crossover/: the raw bench records and
+# the commands): gather wins clearly at 1-8 tokens, the two meet between 16 and 32, masked wins
+# from 32 on (1.6-2.7x at 128 tokens, as issue 14 reported).
+AUTO_GATHER_MAX_TOKENS_CPU = 16
+
+
 def auto_impl(x, training: bool) -> str:
-    """What tree.impl=auto runs for this input: "triton", "masked" or "gather"."""
+    """What tree.impl=auto runs for this input: "triton", "masked" or "gather".
+
+    CUDA: the Triton kernels up to AUTO_TRITON_MAX_TOKENS tokens (at inference up to 64 tokens
+    that is the one-launch decode kernel), masked above. CPU: masked in training; at inference
+    gather up to AUTO_GATHER_MAX_TOKENS_CPU tokens, masked above.
+    """
     if x.is_cuda:
         if x.shape[0] <= AUTO_TRITON_MAX_TOKENS and triton_available():
             return "triton"
         return "masked"  # the gather path is 50-100x slower than dense on a GPU (DESIGN.md §4)
-    return "masked" if training else "gather"
+    if training:
+        return "masked"
+    return "gather" if x.shape[0] <= AUTO_GATHER_MAX_TOKENS_CPU else "masked"
 
 
 def tree_ffn_triton(*args, **kwargs):
@@ -44,4 +60,4 @@ def tree_ffn_triton(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-__all__ = ["AUTO_TRITON_MAX_TOKENS", "auto_impl", "tree_ffn_triton", "triton_available"]
+__all__ = ["AUTO_GATHER_MAX_TOKENS_CPU", "AUTO_TRITON_MAX_TOKENS", "auto_impl", "tree_ffn_triton", "triton_available"]

@@ -104,7 +104,7 @@ class Timer:
 def rotation_copies(device: torch.device, weight_bytes: int) -> int:
     """Weight copies a loop rotates over so that together they exceed the last-level cache."""
     need = ROTATE_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return max(2, min(16, -(-need // max(1, weight_bytes))))
+    return max(2, min(8, -(-need // max(1, weight_bytes))))
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
