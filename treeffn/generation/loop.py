@@ -186,7 +186,13 @@ class DecodeLoop:
     @torch.no_grad()
     def run(self, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None,
             stop_at_eos: bool = True, check_every: int = 16) -> GenerationOutput:
-        """Generate ``max_new_tokens`` after ``prompt`` (B, P) token ids (on the model's device)."""
+        """Generate ``max_new_tokens`` after ``prompt`` (B, P) token ids (on the model's device).
+
+        Tree layers count no node visits meanwhile (a graph captured here never contains counting)."""
+        with routing_stats_off(self.model):
+            return self._run(prompt, max_new_tokens, sampling, stop_at_eos, check_every)
+
+    def _run(self, prompt, max_new_tokens, sampling, stop_at_eos, check_every) -> GenerationOutput:
         s = sampling or Sampling()
         B, P = prompt.shape
         if B != self.decoder.batch_size:
@@ -248,7 +254,6 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, sampli
              graphs: bool = False, eos_id: int | None = None, pad_id: int | None = None,
              stop_at_eos: bool = True) -> GenerationOutput:
     """One generation with a fresh DecodeLoop (tree layers stop counting visits meanwhile)."""
-    with routing_stats_off(model):
-        loop = DecodeLoop(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, graphs=graphs,
-                          eos_id=eos_id, pad_id=pad_id)
-        return loop.run(prompt, max_new_tokens, sampling, stop_at_eos=stop_at_eos)
+    loop = DecodeLoop(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, graphs=graphs,
+                      eos_id=eos_id, pad_id=pad_id)
+    return loop.run(prompt, max_new_tokens, sampling, stop_at_eos=stop_at_eos)

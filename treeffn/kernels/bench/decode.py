@@ -24,12 +24,17 @@ OPT_VOCAB = 50272  # OPT's own vocabulary: the LM head as in the published model
 
 
 def preset_config(name: str) -> dict:
-    """conf/model/<name>.yaml as a dict (plain YAML, no Hydra needed)."""
-    from importlib import resources
+    """conf/model/<name>.yaml as a dict (plain YAML, no Hydra needed): from the source checkout
+    when there is one (scripts run from a checkout without installing), else the installed package."""
+    from pathlib import Path
 
     import yaml
 
-    path = resources.files("treeffn.conf").joinpath("model", f"{name}.yaml")
+    path = Path(__file__).resolve().parents[3] / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        from importlib import resources
+
+        path = resources.files("treeffn.conf").joinpath("model", f"{name}.yaml")
     if not path.is_file():
         raise ValueError(f"no model preset {name!r} in treeffn/conf/model")
     return yaml.safe_load(path.read_text())
@@ -61,7 +66,6 @@ def measure_decode(models: dict, batches: list[int], prompt_len: int, new_tokens
                    rounds: int = 5, seed: int = 0, log=print) -> list[dict]:
     """Records per (batch, mode, model): medians over rounds of ms per decode step and tokens/s."""
     from treeffn.generation import DecodeLoop
-    from treeffn.generation.loop import routing_stats_off
 
     names = list(models)
     device = next(next(iter(models.values())).parameters()).device
@@ -71,16 +75,13 @@ def measure_decode(models: dict, batches: list[int], prompt_len: int, new_tokens
     for B in batches:
         prompt = torch.randint(3, vocab, (B, prompt_len), generator=gen).to(device)
         for mode in modes:
-            loops = {}
-            for n in names:
-                with routing_stats_off(models[n]):
-                    loops[n] = DecodeLoop(models[n], B, prompt_len + new_tokens, graphs=mode == "graph")
+            loops = {n: DecodeLoop(models[n], B, prompt_len + new_tokens, graphs=mode == "graph") for n in names}
+            # warm-up (and the graph capture): kernels compiled, workspaces allocated, clocks up
             capture = {n: loops[n].run(prompt, min(8, new_tokens), stop_at_eos=False).capture_s for n in names}
             runs = {n: [] for n in names}
             for r in range(rounds):
                 for n in (names if r % 2 == 0 else names[::-1]):
-                    with routing_stats_off(models[n]):
-                        out = loops[n].run(prompt, new_tokens, stop_at_eos=False)
+                    out = loops[n].run(prompt, new_tokens, stop_at_eos=False)
                     runs[n].append(out)
                     if r == 0:
                         tokens[(n, B, mode)] = out.tokens
@@ -138,17 +139,21 @@ def profile_step(loop, steps: int = 3, top: int = 25) -> dict:
             for _ in range(steps):
                 loop.greedy_step()
             sync(device)
+    from torch.autograd import DeviceType
+
     rows = []
     for e in prof.key_averages():
-        dev_us = getattr(e, "self_device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(e, "self_cuda_time_total", 0.0)
-        if device.type == "cuda" and not dev_us:
-            continue
-        if device.type != "cuda":
-            dev_us = e.self_cpu_time_total
+        if device.type == "cuda":
+            # the kernels (and memsets / copies) themselves: operator rows would count them twice
+            if getattr(e, "device_type", None) != DeviceType.CUDA:
+                continue
+            dev_us = getattr(e, "self_device_time_total", None)
+            if dev_us is None:
+                dev_us = getattr(e, "self_cuda_time_total", 0.0)
+        else:
             if not e.key.startswith("aten::"):
                 continue
+            dev_us = e.self_cpu_time_total
         rows.append({"name": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": dev_us / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
