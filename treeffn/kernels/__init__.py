@@ -53,6 +53,24 @@ def auto_impl(x, training: bool) -> str:
     return "gather" if x.shape[0] <= AUTO_GATHER_MAX_TOKENS_CPU else "masked"
 
 
+# Tokens a call up to which inference runs the one-launch decode kernel (triton_decode.py; the
+# same value, kept here so that the layers can ask without importing Triton).
+DECODE_MAX_TOKENS = 64
+
+
+def tree_decode(*args, **kwargs):
+    """See ``treeffn.kernels.triton_decode.tree_decode``."""
+    global _tree_decode
+    if _tree_decode is None:
+        from treeffn.kernels.triton_decode import tree_decode as impl
+
+        _tree_decode = impl
+    return _tree_decode(*args, **kwargs)
+
+
+_tree_decode = None
+
+
 def tree_ffn_triton(*args, **kwargs):
     """See ``treeffn.kernels.triton_tree.tree_ffn_triton``."""
     from treeffn.kernels.triton_tree import tree_ffn_triton as impl
@@ -60,4 +78,5 @@ def tree_ffn_triton(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-__all__ = ["AUTO_GATHER_MAX_TOKENS_CPU", "AUTO_TRITON_MAX_TOKENS", "auto_impl", "tree_ffn_triton", "triton_available"]
+__all__ = ["AUTO_GATHER_MAX_TOKENS_CPU", "AUTO_TRITON_MAX_TOKENS", "DECODE_MAX_TOKENS", "auto_impl", "tree_decode",
+           "tree_ffn_triton", "triton_available"]

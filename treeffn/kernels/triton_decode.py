@@ -35,12 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
+# DECODE_MAX_TOKENS: the decode range (batch 1-64). The path-only work grows with the token count
+# while dense's weight read does not; above it the multi-launch kernels (gather / GEMM form) take over.
+from treeffn.kernels import DECODE_MAX_TOKENS
 from treeffn.kernels import triton_tree as tt
 from treeffn.kernels.triton_tree import ACT_IDS, _act, _p2, _warps
 
-# The path-only work grows with the token count while dense's weight read does not; above this
-# many tokens the multi-launch kernels (gather / GEMM form) take over. Batch 1-64 is the decode range.
-DECODE_MAX_TOKENS = 64
 
 # Tile choices can be overridden: CONFIG_OVERRIDES for every call (the bench's --tune sweep), or
 # TUNED, token count -> tile, consulted first (the tile measured best for the smallest tuned count

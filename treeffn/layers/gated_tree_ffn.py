@@ -58,13 +58,17 @@ class GatedTreeFFN(TreeFFN):
         flat = x.reshape(-1, self.d_model)
         impl = self.impl if self.impl != "auto" else self._auto_impl(flat)
         if impl == "decode":
-            from treeffn.kernels.triton_decode import tree_decode
+            from treeffn.kernels import tree_decode
 
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else flat.dtype
-            with torch.autocast(device_type="cuda", enabled=False):
-                w = [t.to(dtype) if t is not None else None for t in (self.w_in, self.b_in, self.w_out, self.w_up)]
-                y, path = tree_decode(flat.to(dtype), w[0], w[1], w[2], self.trees, self.depth, self.placement,
-                                      self.activation, w_up=w[3])
+            if not torch.is_autocast_enabled("cuda") and flat.dtype == self.w_in.dtype:
+                y, path = tree_decode(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
+                                      self.placement, self.activation, w_up=self.w_up)
+            else:  # under autocast, as F.linear would: inputs and weights in the autocast dtype
+                dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else flat.dtype
+                with torch.autocast(device_type="cuda", enabled=False):
+                    w = [t.to(dtype) if t is not None else None for t in (self.w_in, self.b_in, self.w_out, self.w_up)]
+                    y, path = tree_decode(flat.to(dtype), w[0], w[1], w[2], self.trees, self.depth, self.placement,
+                                          self.activation, w_up=w[3])
         elif impl == "masked":
             y, path = self.forward_masked(flat)
         else:
@@ -83,7 +87,7 @@ class GatedTreeFFN(TreeFFN):
         if self.training or needs_grad:
             return "masked"
         if x.is_cuda:
-            from treeffn.kernels.triton_decode import DECODE_MAX_TOKENS
+            from treeffn.kernels import DECODE_MAX_TOKENS
 
             return "decode" if x.shape[0] <= DECODE_MAX_TOKENS and triton_available() else "masked"
         return auto_impl(x, training=False)

@@ -241,7 +241,8 @@ class LeafFFN(nn.Module):
         h = self.act(h)
         if self.gated:
             h = h * row_dots(self.leaf_up, rows, x)
-        h = h * alive.repeat_interleave(w, dim=1).to(h.dtype)  # pruned leaves contribute nothing
+        # pruned leaves contribute nothing (expand, not repeat_interleave: a view, nothing read on the host)
+        h = h * alive.unsqueeze(-1).expand(-1, -1, w).reshape(tokens, -1).to(h.dtype)
         y = weighted_rows(self.leaf_out, rows, h)
         if self.leaf_out_b is not None:
             y = y + (self.leaf_out_b[safe] * alive.unsqueeze(-1).to(y.dtype)).sum(1)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treeffn import kernels
 from treeffn.config import IMPLS, PLACEMENTS
 from treeffn.layers.activations import get_activation
 from treeffn.layers.path_ops import FULL_PRECISION, gather_chunk_tokens, row_dots, weighted_rows
@@ -103,11 +104,17 @@ class TreeFFN(nn.Module):
         if shape[-1] != self.d_model:
             raise ValueError(f"TreeFFN expects inputs with last dimension {self.d_model}, got {tuple(shape)}")
         flat = x.reshape(-1, self.d_model)
+        if self._decode_fast_path(flat):
+            # a decode step: straight to the one-launch kernel (what auto/triton pick here anyway),
+            # without the general entry point's checks and casts, which a step pays on the host
+            y, path = kernels.tree_decode(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
+                                          self.placement, self.activation)
+            if self.track_stats:
+                self._count_visits(path)
+            return y.view(shape)
         impl = self.impl
         if impl == "auto":
-            from treeffn.kernels import auto_impl
-
-            impl = auto_impl(flat, self.training)  # the fastest measured path for device and batch
+            impl = kernels.auto_impl(flat, self.training)  # the fastest measured path for device and batch
         if impl == "triton":
             from treeffn.kernels import tree_ffn_triton
 
@@ -120,6 +127,13 @@ class TreeFFN(nn.Module):
         if self.track_stats:
             self._count_visits(path)
         return y.view(shape)
+
+    def _decode_fast_path(self, flat: torch.Tensor) -> bool:
+        """Inference on CUDA at decode sizes, inputs already in the weights' dtype, no autocast."""
+        return (flat.is_cuda and not self.training and self.impl in ("auto", "triton")
+                and flat.shape[0] <= kernels.DECODE_MAX_TOKENS and not torch.is_grad_enabled()
+                and flat.dtype == self.w_in.dtype and not torch.is_autocast_enabled("cuda")
+                and kernels.triton_available())
 
     def forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training path: all node pre-activations in one GEMM, mask to the path, second GEMM."""
