@@ -242,3 +242,31 @@ def test_cli_generate_bad_input_exits_2(tmp_path):
         proc = run_cli(["generate", *args], cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bench_decode_mode_on_cpu(tmp_path):
+    """`treeffn bench --decode` end to end at a toy size: both models, medians, ratios, JSON and Markdown."""
+    from treeffn.kernels.bench import main
+
+    rc = main(["--device", "cpu", "--decode", "--decode-model", "tiny", "--decode-layers", "1",
+               "--decode-batches", "1,2", "--decode-prompt", "3", "--decode-new", "4", "--decode-rounds", "2",
+               "--decode-depth", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "decode.json").read_text())
+    recs = result["decode"]
+    assert {(r["model"], r["batch"], r["mode"]) for r in recs} == {
+        (m, b, "eager") for m in ("dense", "tree") for b in (1, 2)}
+    assert all(len(r["ms_per_step_rounds"]) == 2 and r["decode_tokens_per_s"] > 0 for r in recs)
+    assert {(r["batch"], r["mode"]) for r in result["ratios"]} == {(1, "eager"), (2, "eager")}
+    assert "| 1 | eager |" in (tmp_path / "decode.md").read_text()
+
+
+def test_profile_of_one_decode_step():
+    from treeffn.kernels.bench.decode import profile_step
+
+    model = make_model("opt", "tree")
+    loop = DecodeLoop(model, 2, 12)
+    loop.run(torch.randint(3, VOCAB, (2, 4)), 3)
+    prof = profile_step(loop, steps=2)
+    assert prof["top"] and prof["device_us_per_step"] > 0
+    assert any("linear" in r["name"] or "addmm" in r["name"] or "mm" in r["name"] for r in prof["top"])

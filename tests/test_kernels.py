@@ -281,10 +281,14 @@ def test_auto_impl_by_device_and_batch(monkeypatch):
     x = torch.zeros(5, 4)
     assert kernels.auto_impl(x, training=True) == "masked"
     assert kernels.auto_impl(x, training=False) == "gather"
-    at = torch.zeros(kernels.AUTO_GATHER_MAX_TOKENS_CPU, 4)
-    above = torch.zeros(kernels.AUTO_GATHER_MAX_TOKENS_CPU + 1, 4)
-    assert kernels.auto_impl(at, training=False) == "gather"
-    assert kernels.auto_impl(above, training=False) == "masked"  # measured crossover on the CPU
+    threads = torch.get_num_threads()
+    try:
+        for n, limit in ((2, kernels.AUTO_GATHER_MAX_TOKENS_CPU), (1, kernels.AUTO_GATHER_MAX_TOKENS_CPU_ONE_THREAD)):
+            torch.set_num_threads(n)
+            assert kernels.auto_impl(torch.zeros(limit, 4), training=False) == "gather"
+            assert kernels.auto_impl(torch.zeros(limit + 1, 4), training=False) == "masked"  # measured crossover
+    finally:
+        torch.set_num_threads(threads)
 
     class FakeCuda:  # only .is_cuda and .shape are read
         is_cuda = True

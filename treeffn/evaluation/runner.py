@@ -274,9 +274,9 @@ def effective_impl(layer, device) -> str:
             return "triton"
     if layer.training:
         return "masked"
-    from treeffn.kernels import AUTO_GATHER_MAX_TOKENS_CPU
+    from treeffn.kernels import cpu_gather_max_tokens
 
-    return f"gather (up to {AUTO_GATHER_MAX_TOKENS_CPU} tokens a call; masked above)"
+    return f"gather (up to {cpu_gather_max_tokens()} tokens a call; masked above)"
 
 
 def describe_model(loaded, routing: str | None, device, autocast_dtype) -> dict:

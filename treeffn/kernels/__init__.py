@@ -30,11 +30,20 @@ AUTO_TRITON_MAX_TOKENS = 1024
 
 
 # tree.impl=auto on the CPU at inference: the gather walk up to this many tokens per call, the
-# masked path (two GEMMs) above. Measured on this project's 2-core CPU machine, fp32, OPT-125M
-# and OPT-1.3B widths with depth-6 trees (results/cpu_auto_crossover/: the raw bench records and
-# the commands): gather wins clearly at 1-8 tokens, the two meet between 16 and 32, masked wins
-# from 32 on (1.6-2.7x at 128 tokens, as issue 14 reported).
+# masked path (two GEMMs) above. Measured on this project's 2-core CPU machine, fp32, OPT-125M and
+# OPT-1.3B widths with depth-6 trees, host-inclusive loop times, two runs per thread count
+# (results/cpu_auto_crossover/: raw records, commands, load averages): with torch's default of 2
+# threads gather was 1.0-1.15x masked's speed at 16 tokens and 0.84-0.93x at 24; with 1 thread
+# 1.05-1.9x at 8 tokens and 0.75-0.95x at 16. More threads were not measured (the 16 stands).
 AUTO_GATHER_MAX_TOKENS_CPU = 16
+AUTO_GATHER_MAX_TOKENS_CPU_ONE_THREAD = 8
+
+
+def cpu_gather_max_tokens() -> int:
+    """The CPU inference crossover for torch's current thread count (see above)."""
+    import torch
+
+    return AUTO_GATHER_MAX_TOKENS_CPU_ONE_THREAD if torch.get_num_threads() == 1 else AUTO_GATHER_MAX_TOKENS_CPU
 
 
 def auto_impl(x, training: bool) -> str:
@@ -42,7 +51,7 @@ def auto_impl(x, training: bool) -> str:
 
     CUDA: the Triton kernels up to AUTO_TRITON_MAX_TOKENS tokens (at inference up to 64 tokens
     that is the one-launch decode kernel), masked above. CPU: masked in training; at inference
-    gather up to AUTO_GATHER_MAX_TOKENS_CPU tokens, masked above.
+    gather up to ``cpu_gather_max_tokens()`` tokens (16; 8 with one thread), masked above.
     """
     if x.is_cuda:
         if x.shape[0] <= AUTO_TRITON_MAX_TOKENS and triton_available():
@@ -50,7 +59,7 @@ def auto_impl(x, training: bool) -> str:
         return "masked"  # the gather path is 50-100x slower than dense on a GPU (DESIGN.md §4)
     if training:
         return "masked"
-    return "gather" if x.shape[0] <= AUTO_GATHER_MAX_TOKENS_CPU else "masked"
+    return "gather" if x.shape[0] <= cpu_gather_max_tokens() else "masked"
 
 
 # Tokens a call up to which inference runs the one-launch decode kernel (triton_decode.py; the
@@ -78,5 +87,5 @@ def tree_ffn_triton(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-__all__ = ["AUTO_GATHER_MAX_TOKENS_CPU", "AUTO_TRITON_MAX_TOKENS", "DECODE_MAX_TOKENS", "auto_impl", "tree_decode",
+__all__ = ["AUTO_GATHER_MAX_TOKENS_CPU", "AUTO_GATHER_MAX_TOKENS_CPU_ONE_THREAD", "cpu_gather_max_tokens", "AUTO_TRITON_MAX_TOKENS", "DECODE_MAX_TOKENS", "auto_impl", "tree_decode",
            "tree_ffn_triton", "triton_available"]
