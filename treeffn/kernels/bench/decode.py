@@ -75,16 +75,25 @@ def measure_decode(models: dict, batches: list[int], prompt_len: int, new_tokens
     for B in batches:
         prompt = torch.randint(3, vocab, (B, prompt_len), generator=gen).to(device)
         for mode in modes:
-            loops = {n: DecodeLoop(models[n], B, prompt_len + new_tokens, graphs=mode == "graph") for n in names}
-            # warm-up (and the graph capture): kernels compiled, workspaces allocated, clocks up
-            capture = {n: loops[n].run(prompt, min(8, new_tokens), stop_at_eos=False).capture_s for n in names}
-            runs = {n: [] for n in names}
-            for r in range(rounds):
-                for n in (names if r % 2 == 0 else names[::-1]):
-                    out = loops[n].run(prompt, new_tokens, stop_at_eos=False)
-                    runs[n].append(out)
-                    if r == 0:
-                        tokens[(n, B, mode)] = out.tokens
+            try:
+                loops = {n: DecodeLoop(models[n], B, prompt_len + new_tokens, graphs=mode == "graph") for n in names}
+                # warm-up (and the graph capture): kernels compiled, workspaces allocated, clocks up
+                capture = {n: loops[n].run(prompt, min(8, new_tokens), stop_at_eos=False).capture_s for n in names}
+                runs = {n: [] for n in names}
+                for r in range(rounds):
+                    for n in (names if r % 2 == 0 else names[::-1]):
+                        out = loops[n].run(prompt, new_tokens, stop_at_eos=False)
+                        runs[n].append(out)
+                        if r == 0:
+                            tokens[(n, B, mode)] = out.tokens
+            except Exception as e:  # one mode failing (e.g. a capture) leaves the others measured
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                log(f"decode B={B} {mode}: FAILED {msg}")
+                records += [{"model": n, "batch": B, "mode": mode, "error": msg} for n in names]
+                loops = {}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             for n in names:
                 outs = runs[n]
                 rec = {"model": n, "batch": B, "mode": mode, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
@@ -101,6 +110,8 @@ def measure_decode(models: dict, batches: list[int], prompt_len: int, new_tokens
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for rec in records:  # eager vs graph identity of the same model, batch and prompts
+        if "error" in rec:
+            continue
         a, b = tokens.get((rec["model"], rec["batch"], "eager")), tokens.get((rec["model"], rec["batch"], "graph"))
         if rec["mode"] == "graph" and a is not None and b is not None:
             rec["differing_sequences_vs_eager"] = int((a != b).any(dim=1).sum())
@@ -112,7 +123,7 @@ def measure_decode(models: dict, batches: list[int], prompt_len: int, new_tokens
 def ratios(records: list[dict], base: str = "dense") -> list[dict]:
     """tree tokens/s over dense tokens/s per (batch, mode), from the medians."""
     out = []
-    keyed = {(r["model"], r["batch"], r["mode"]): r for r in records}
+    keyed = {(r["model"], r["batch"], r["mode"]): r for r in records if "error" not in r}
     for (name, B, mode), r in keyed.items():
         if name == base or (base, B, mode) not in keyed:
             continue
@@ -196,7 +207,7 @@ def decode_markdown(result: dict) -> str:
              "tokens/s = batch / (s per step)", "",
              "| batch | mode | dense ms/step | tree ms/step | dense tok/s | tree tok/s | tree / dense |",
              "|---|---|---|---|---|---|---|"]
-    keyed = {(r["model"], r["batch"], r["mode"]): r for r in result["decode"]}
+    keyed = {(r["model"], r["batch"], r["mode"]): r for r in result["decode"] if "error" not in r}
     for ratio in result["ratios"]:
         d = keyed[("dense", ratio["batch"], ratio["mode"])]
         t = keyed[(ratio["model"], ratio["batch"], ratio["mode"])]
