@@ -9,8 +9,8 @@ creation, lazily allocated static caches and cache-length bookkeeping on the hos
 
 What makes a step capturable (treeffn/generation/capture.py checks it on the CPU too):
 
-* every shape is fixed: the cache is (batch, kv heads, max_len, head dim) per layer, attention
-  reads all max_len positions and a mask hides those after the current one;
+* every shape is fixed: the cache is (2, batch, kv heads, max_len rounded up to 16, head dim)
+  per layer, attention reads all its positions and a mask hides those after the current one;
 * the position is a 1-element device tensor, never a Python int: no host synchronisation, and
   a captured graph reads the new value on every replay;
 * the cache is written with ``index_copy_`` at those positions (no slicing by a host value);
@@ -24,6 +24,7 @@ after its projection); on the CPU in float32 greedy output is token-identical to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +93,13 @@ class StaticDecoder:
         limit = self.position_limit_of(model)
         if self.max_len > limit:
             raise ValueError(f"{self.max_len} positions requested; the model has {limit}")
-        shape = (self.batch_size, a.kv_heads, self.max_len, a.head_dim)
-        self.cache = [(torch.zeros(shape, device=self.device, dtype=self.dtype),
-                       torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in layers]
-        self.key_pos = torch.arange(self.max_len, device=self.device)
+        # keys and values of a layer in one tensor (one index_copy_ writes both); the length is
+        # rounded up to a multiple of 16 (the memory-efficient attention kernel pads its bias to
+        # that otherwise, on every call); positions past max_len are never written and stay masked
+        self.cache_len = -(-self.max_len // 16) * 16
+        shape = (2, self.batch_size, a.kv_heads, self.cache_len, a.head_dim)
+        self.cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in layers]
+        self.key_pos = torch.arange(self.cache_len, device=self.device)
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -110,7 +114,15 @@ class StaticDecoder:
             heads = cfg.num_attention_heads
             hd = cfg.hidden_size // heads
             w, b = _linear_parts(at.q_proj, at.k_proj, at.v_proj)
-            return AttentionWeights(w, b, at.out_proj, heads, heads, hd, scale=1.0, q_scale=hd**-0.5)
+            q_scale = hd**-0.5
+            if math.frexp(q_scale)[0] == 0.5:
+                # a power of two (head dim 4, 16, 64, 256): scaling the q rows is exact, so fold
+                # it into the weights (one launch less per layer), bit for bit the same q
+                w[: heads * hd] *= q_scale
+                if b is not None:
+                    b[: heads * hd] *= q_scale
+                q_scale = 1.0
+            return AttentionWeights(w, b, at.out_proj, heads, heads, hd, scale=1.0, q_scale=q_scale)
         if self.family == "gpt2":
             at = layer.attn
             heads = cfg.num_attention_heads
@@ -133,7 +145,9 @@ class StaticDecoder:
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, S = ids.shape
         positions = pos + torch.arange(S, device=ids.device)  # (S,) on the device
-        mask = self.key_pos[None, :] <= positions[:, None]  # (S, max_len): attend to the past and self
+        # (S, cache_len) additive mask, made once for all layers: 0 for the past and self, -inf after
+        allowed = self.key_pos[None, :] <= positions[:, None]
+        mask = torch.where(allowed, 0.0, float("-inf")).to(self.dtype)
         inner = self.model.model if self.family in ("opt", "llama") else self.model.transformer
         if self.family == "opt":
             dec = inner.decoder
@@ -188,14 +202,17 @@ class StaticDecoder:
         q = q.view(B, S, a.heads, a.head_dim).transpose(1, 2)
         k = k.view(B, S, a.kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, S, a.kv_heads, a.head_dim).transpose(1, 2)
+        cache = self.cache[i]
         if rope is not None:
             cos, sin = rope
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-        k_cache, v_cache = self.cache[i]
-        k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=a.scale,
+            cache[0].index_copy_(2, positions, k)
+            cache[1].index_copy_(2, positions, v)
+        else:  # k and v straight from the fused product: one copy into the cache
+            kv = qkv[..., q_w:].view(B, S, 2, a.kv_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+            cache.index_copy_(3, positions, kv)
+        out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask, scale=a.scale,
                                              enable_gqa=a.kv_heads != a.heads)
         return a.out(out.transpose(1, 2).reshape(B, S, a.heads * a.head_dim))
 
