@@ -433,6 +433,9 @@ def print_table(s: dict) -> None:
     env = s.get("environment", {})
     print(f"{env.get('device_name')}  torch {env.get('torch')}  triton {env.get('triton')}  "
           f"transformers {env.get('transformers')}  git {env.get('git')}  smoke={s.get('smoke')}")
+    if s.get("smoke"):
+        print("SMOKE RUN: the tree model's decode kernel runs in Triton's interpreter; the figures only show "
+              "that every phase runs")
     if s.get("aborted"):
         print("ABORTED:", s["aborted"])
     layer = s.get("layer", [])
