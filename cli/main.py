@@ -17,6 +17,7 @@ VERBS = {
     "analyze": ("treeffn.cli.analyze", "main", "auto-pruning: routing statistics and plots over a run's checkpoints"),
     "report": ("treeffn.cli.report", "main", "a sweep's runs as the paper-style table (Markdown, CSV, LaTeX) and plots"),
     "prune": ("treeffn.cli.prune", "run", "remove subtrees no token reaches; save the smaller model"),
+    "generate": ("treeffn.cli.generate", "main", "text and tokens/s from a trained model (static KV cache, CUDA graphs)"),
 }
 
 USAGE = """usage: treeffn <verb> [hydra overrides ...]
@@ -32,6 +33,7 @@ Examples:
   treeffn train --cfg job                         print the composed config
   treeffn prepare data=hub data.name=... data.max_train_tokens=N   prepare a corpus ahead of a sweep
   treeffn prune run=<run dir>                     drop unreached subtrees; params and perplexity before/after
+  treeffn generate run=<run dir> prompt="To be"  text and tokens/s (compile=true: CUDA graphs)
 """
 
 
@@ -51,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func, _ = VERBS[verb]
     argv = [verb, *path_arguments(verb, argv[1:])]
-    if verb == "train":
+    if verb in ("train", "generate"):
         from treeffn.cli.preflight import OverrideError, check_overrides
 
         try:
-            check_overrides(argv[1:])
+            check_overrides(argv[1:], **({"config_name": "generate", "verb": verb} if verb == "generate" else {}))
         except OverrideError as e:
             print(f"treeffn {verb}: error: {e}", file=sys.stderr)
             return 2
@@ -84,8 +86,10 @@ PATH_KEYS = {
     "prune": ("run", "out", "text"),
     "analyze": ("run", "out"),
     "report": ("sweep", "runs_root", "out"),
+    "generate": ("run", "model.path", "output"),
+    "prepare": ("data.path", "data.val_path", "data.tokenizer"),
 }
-HYDRA_VERBS = ("train", "eval")
+HYDRA_VERBS = ("train", "eval", "generate", "prepare")
 
 
 def path_arguments(verb: str, args: list[str]) -> list[str]:

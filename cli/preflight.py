@@ -37,7 +37,7 @@ def group_choices(group: str) -> list[str]:
     return sorted(names)
 
 
-def check_overrides(args: list[str], config_name: str = "config") -> None:
+def check_overrides(args: list[str], config_name: str = "config", verb: str = "train") -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -58,6 +58,9 @@ def check_overrides(args: list[str], config_name: str = "config") -> None:
             raise OverrideError(f"{o.input_line} gives {key} no value; give it one (null where none is allowed), "
                                 f"or leave it out")
         if o.is_sweep_override():
+            if verb != "train":
+                raise OverrideError(f"{o.input_line}: Hydra reads the commas as a list of runs; quote the value "
+                                    f"('{key}=\"...\"')")
             if not parsed.multirun:
                 raise OverrideError(f"{o.input_line} gives several values; add -m to run one job per value "
                                     f"(treeffn train -m ...), or give one value")
@@ -76,7 +79,7 @@ def check_overrides(args: list[str], config_name: str = "config") -> None:
         else:
             keys.append(o)
     if keys:
-        check_keys(keys, first_choices, config_name)
+        check_keys(keys, first_choices, config_name, verb)
     if parsed.multirun:
         check_sweep_values(overrides)
     check_run_dir_writable(overrides, parsed.multirun)
@@ -93,7 +96,7 @@ def _sweep_values(o) -> list[str] | None:
 
 
 # ------------------------------------------------------------------------------ keys
-def check_keys(overrides: list, first_choices: list[str], config_name: str) -> None:
+def check_keys(overrides: list, first_choices: list[str], config_name: str, verb: str = "train") -> None:
     """Every key must be one treeffn reads for the chosen presets. ``+key`` adds a key; it is
     refused under treeffn's sections (model, tree, data, ...) unless some preset defines it,
     because nothing would read it; top-level additions (``+note=...``) are free annotations."""
@@ -119,12 +122,12 @@ def check_keys(overrides: list, first_choices: list[str], config_name: str) -> N
                 raise OverrideError(f"{key} is not a setting of {section}={choices[section]}, so it would be ignored; "
                                     f"it belongs to {section}={' or '.join(presets)}: choose that or drop {key}")
             close = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else "; `treeffn train --cfg job` lists the keys"
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; `treeffn {verb} --cfg job` lists the keys"
             raise OverrideError(f"{key} is not a config key{hint} (treeffn reads no other {section}.* keys)")
         close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.75 if adding else 0.6)
         if adding and not close:
             continue  # a new top-level annotation: stored in config.yaml and part of the run's identity
-        hint = f"; did you mean {' or '.join(close)}?" if close else "; `treeffn train --cfg job` lists the keys"
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; `treeffn {verb} --cfg job` lists the keys"
         raise OverrideError(f"{key} is not a config key{hint}" + ("" if adding else f" (add a new key with +{key}=...)"))
 
 

@@ -171,7 +171,7 @@ def test_off_path_nodes_get_exactly_zero_gradient(mode):
         assert grad[off].abs().max() == 0
 
 
-@pytest.mark.parametrize("tokens, mode", [(1, "auto"), (4, "auto"), (9, "gather"), (40, "auto"), (530, "gather")])
+@pytest.mark.parametrize("tokens, mode", [(1, "auto"), (4, "auto"), (9, "gather"), (40, "gather"), (530, "gather")])
 @pytest.mark.parametrize("placement", ["node", "post_sum"])
 def test_inference_tile_configs(tokens, mode, placement):
     """Every tile regime of the inference kernels: decode speculation, single-token tiles, big tiles."""
@@ -281,6 +281,14 @@ def test_auto_impl_by_device_and_batch(monkeypatch):
     x = torch.zeros(5, 4)
     assert kernels.auto_impl(x, training=True) == "masked"
     assert kernels.auto_impl(x, training=False) == "gather"
+    threads = torch.get_num_threads()
+    try:
+        for n, limit in ((2, kernels.AUTO_GATHER_MAX_TOKENS_CPU), (1, kernels.AUTO_GATHER_MAX_TOKENS_CPU_ONE_THREAD)):
+            torch.set_num_threads(n)
+            assert kernels.auto_impl(torch.zeros(limit, 4), training=False) == "gather"
+            assert kernels.auto_impl(torch.zeros(limit + 1, 4), training=False) == "masked"  # measured crossover
+    finally:
+        torch.set_num_threads(threads)
 
     class FakeCuda:  # only .is_cuda and .shape are read
         is_cuda = True
@@ -296,7 +304,7 @@ def test_auto_impl_by_device_and_batch(monkeypatch):
 
 
 def test_bench_smoke_on_cpu(tmp_path, capsys):
-    """`treeffn bench` end to end at a toy size: checks pass, table printed, JSON and Markdown written."""
+    """`treeffn bench` end to end at a toy size: checks pass, both timings per call, JSON and Markdown written."""
     import json
 
     from treeffn.kernels.bench import main
@@ -305,9 +313,181 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
                "--rep-ms", "1", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    timed = [r for r in result["rows"] if "median_us" in r]
+    timed = [r for r in result["rows"] if "loop_us" in r]
     assert {(r["path"], r["mode"]) for r in timed} >= {("dense", "fwd"), ("masked", "fwdbwd"), ("gather", "fwd")}
-    assert all(r["check"]["ok"] for r in timed)
-    assert "| custom:16,64,2,2 | 3 |" in (tmp_path / "bench.md").read_text()
+    assert all(r["check"]["ok"] and r["gpu_us"] > 0 and r["loop_us"] > 0 for r in timed)
+    assert all(len(r["loop_us_rounds"]) == 5 and r["loop_weight_copies"] >= 2 for r in timed)
+    assert all("speedup_vs_dense" in r and "gpu_only_speedup_vs_dense" in r for r in timed if r["path"] != "dense")
+    assert result["environment"]["load_average_1_5_15"] is not None
+    md = (tmp_path / "bench.md").read_text()
+    assert "| custom:16,64,2,2 | 3 |" in md and "loop µs per call, host included" in md and "GPU-only" in md
     assert "custom:16,64,2,2" in capsys.readouterr().out
     assert main(["--device", "cpu", "--modes", "backward", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "0"], "--tokens 0 is out of range"),
+    (["--tokens", "1,x"], "comma list of integers"),
+    (["--configs", "custom:7,13,1,99"], "depth D must be 0..20"),
+    (["--configs", "custom:7,13"], "four integers"),
+    (["--configs", "custom:2048,8192,64,20"], "too large to build"),
+    (["--configs", "opt9b"], "unknown config"),
+    (["--paths", "fast"], "--paths 'fast' is not allowed"),
+    (["--rep-ms", "-1"], "--rep-ms must be positive"),
+    (["--decode", "--decode-model", "gpt5"], "--decode-model 'gpt5'"),
+    (["--decode", "--decode-batches", "0"], "--decode-batches 0 is out of range"),
+    (["--placement", "middle"], "invalid choice"),
+])
+def test_bench_refuses_bad_input_in_one_line(argv, message, tmp_path, capsys):
+    from treeffn.kernels.bench import main
+
+    with pytest.raises(SystemExit) if argv[0] == "--placement" else _no_raise():
+        rc = main(["--device", "cpu", *argv, "--out", str(tmp_path)])
+        assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_bench_configs_mix_presets_and_custom():
+    from treeffn.kernels.bench.problems import split_configs
+
+    assert split_configs("opt125m-K24-D6,custom:16,64,2,2,opt1.3b-K64-D6") == [
+        "opt125m-K24-D6", "custom:16,64,2,2", "opt1.3b-K64-D6"]
+
+
+# --------------------------------------------------------------------------- the one-launch decode kernel
+def decode_reference(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=None):
+    """Float64 masked formulation of the (gated) tree layer: y and the path (T, K, D+1)."""
+    if w_up is None:
+        y, path, _ = reference(x, w_in, b_in, w_out, trees, depth, placement, activation)
+        return y, path
+    _, path, z = reference(x, w_in, b_in, w_out, trees, depth, placement, activation)
+    n_nodes = 2 ** (depth + 1) - 1
+    rows = (path + torch.arange(trees, device=x.device).view(1, -1, 1) * n_nodes).view(x.shape[0], -1)
+    mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
+    u = x @ w_up.T
+    act = ACTS[activation]
+    if placement == "node":
+        return (act(z) * u * mask) @ w_out, path
+    return act((z * mask) @ w_out) * ((u * mask) @ w_out), path
+
+
+@pytest.fixture
+def decode_tiles():
+    import treeffn.kernels.triton_decode as td
+
+    yield td.CONFIG_OVERRIDES
+    td.CONFIG_OVERRIDES.clear()
+
+
+# (tokens, d, trees, depth, tile): K=1, D=0, odd d, trees not a multiple of KB, 64 tokens (the top of the range)
+DECODE_CASES = [
+    (1, 9, 3, 3, dict(KB=1, SPEC=2, BD=8)), (5, 16, 2, 5, dict(KB=2, SPEC=3, BD=16)),
+    (3, 7, 5, 0, dict(KB=4, SPEC=1, BD=4)), (4, 33, 1, 6, dict(KB=1, SPEC=3, BD=8)),
+    (2, 12, 3, 4, dict(KB=2, SPEC=2, BD=32)), (64, 10, 2, 2, dict(KB=2)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+@pytest.mark.parametrize("placement", ["node", "post_sum"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_decode_kernel_float64_matches_reference(case, placement, gated, decode_tiles):
+    """Fresh random inputs: outputs within 1e-9 and every routing decision equal to float64's."""
+    import treeffn.kernels.triton_decode as td
+
+    T, d, trees, depth, tile = DECODE_CASES[case]
+    if T > 8 and (gated or placement != "node"):
+        pytest.skip("64 tokens once (the interpreter runs every program in turn)")
+    decode_tiles.update(tile)
+    activation = list(ACTS)[(case + 2 * gated + (placement == "post_sum")) % len(ACTS)]
+    bias = (case + gated) % 2 == 0
+    w_in, b_in, w_out = make_params(d, depth, trees, bias)
+    w_up = make_params(d, depth, trees, False)[0] if gated else None
+    x = torch.randn(T, d, dtype=torch.float64, device=DEVICE)
+    y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=w_up)
+    y_ref, path_ref = decode_reference(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
+    assert torch.equal(path, path_ref)
+    assert not torch.isnan(y).any()
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_decode_kernel_leaves_its_workspace_zero_and_repeats_exactly(decode_tiles):
+    """The last program of each token resets the accumulator row and the counter: a second call
+    (a graph replay) starts clean and gives the same result."""
+    import treeffn.kernels.triton_decode as td
+
+    decode_tiles.update(KB=2, SPEC=2, BD=8)
+    w_in, b_in, w_out = make_params(10, 3, 5, True)
+    x = torch.randn(6, 10, dtype=torch.float64, device=DEVICE)
+    first = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu")
+    acc, cnt = td.workspace(x.device, torch.float64, 10, 6)
+    assert acc.abs().max() == 0 and cnt.abs().max() == 0
+    second = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_kernel_low_precision(dtype, tol):
+    """fp32 / bf16 inputs: fp32 accumulation; routing checked decision by decision (flips only at ties)."""
+    import treeffn.kernels.triton_decode as td
+
+    T, d, trees, depth = (64, 256, 8, 6) if CUDA else (7, 24, 3, 4)
+    for placement in ("node", "post_sum"):
+        w_in, b_in, w_out = make_params(d, depth, trees, True, dtype=dtype)
+        x = torch.randn(T, d, device=DEVICE).to(dtype)
+        y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, "gelu")
+        assert y.dtype == dtype
+        y64, _, z64 = reference(x.double(), w_in.double(), b_in.double(), w_out.double(), trees, depth, placement,
+                                "gelu", path=path)
+        assert_routing_agrees(path, z64, trees, depth, tie=1e-3 if dtype == torch.bfloat16 else 1e-5)
+        assert rel_err(y, y64) < tol, f"{placement}: rel err {rel_err(y, y64):.2e}"
+
+
+def test_decode_ties_go_left():
+    import treeffn.kernels.triton_decode as td
+
+    w_in = torch.zeros(7, 4, dtype=torch.float64, device=DEVICE)  # every z is exactly 0
+    w_out = torch.randn(7, 4, dtype=torch.float64, device=DEVICE)
+    _, path = td.tree_decode(torch.randn(3, 4, dtype=torch.float64, device=DEVICE), w_in, None, w_out, 1, 2)
+    assert path.tolist() == [[[0, 1, 3]]] * 3
+
+
+def test_auto_mode_decodes_at_inference_only(monkeypatch):
+    """mode auto: the decode kernel for inference up to DECODE_MAX_TOKENS; training keeps the autograd kernels."""
+    import treeffn.kernels.triton_decode as td
+
+    calls = []
+    real = td.tree_decode
+    monkeypatch.setattr(td, "tree_decode", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    w_in, b_in, w_out = make_params(6, 2, 2, True)
+    with torch.no_grad():
+        tt.tree_ffn_triton(torch.randn(3, 6, dtype=torch.float64, device=DEVICE), w_in, b_in, w_out, 2, 2)
+        tt.tree_ffn_triton(torch.randn(td.DECODE_MAX_TOKENS + 1, 6, dtype=torch.float64, device=DEVICE),
+                           w_in, b_in, w_out, 2, 2)
+    x = torch.randn(3, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    tt.tree_ffn_triton(x, w_in, b_in, w_out, 2, 2)[0].sum().backward()
+    assert calls == [3]
+    with pytest.raises(ValueError, match="inference only"):
+        tt.tree_ffn_triton(x, w_in, b_in, w_out, 2, 2, mode="decode")
+
+
+def test_decode_path_is_capture_safe():
+    """A tree layer at inference on the decode kernel (interpreter here) never waits for the device."""
+    from treeffn.generation.capture import HostSyncGuard
+
+    layer = TreeFFN(8, 3, 3, placement="post_sum", impl="triton").double().to(DEVICE).eval()
+    x = torch.randn(2, 1, 8, dtype=torch.float64, device=DEVICE)
+    with torch.no_grad(), HostSyncGuard():
+        y = layer(x)
+    y_ref, _ = layer.forward_masked(x.reshape(-1, 8))
+    torch.testing.assert_close(y.reshape(-1, 8), y_ref, rtol=1e-10, atol=1e-10)
+    assert layer.node_visits.sum().item() == 2 * 3 * 4  # counted without a host sync (index_add_)

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from tests.conftest import TINY
-from treeffn.analysis.pruning import prune_and_measure
+from treeffn.analysis.pruning import path_walk, prune_and_measure
 from treeffn.data.tokenizer import load_tokenizer
 from treeffn.layers import PrunedLeafFFN, PrunedTreeFFN, TreeFFN
 from treeffn.layers.pruned import _close_under_parents
@@ -36,7 +36,7 @@ def test_pruned_hard_eval_logits_equal_the_unpruned_ones_on_the_counting_text(ca
     torch.manual_seed(0)
     model = build_model(model_cfg, tree_cfg, 100, 1, 0, 0).eval()
     blocks = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.no_grad(), path_walk(model):  # the walk the pruned layers do (auto may take masked)
         before = model(blocks).logits
     pruned, report = prune_and_measure(model, blocks, batch_size=1)
     with torch.no_grad():

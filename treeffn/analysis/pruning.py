@@ -16,6 +16,7 @@ text a token stepping into a removed subtree stops there (the removed nodes add 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
@@ -134,13 +135,15 @@ def prune_and_measure(model: nn.Module, blocks: torch.Tensor, batch_size: int, m
 
     if not tree_layers(model):
         raise ConfigError("this model has dense FFNs: there are no trees to prune")
-    count_loss, predicted = count_visits(model, blocks, batch_size)
+    with path_walk(model):  # the unpruned model computes what the pruned one will: bit for bit
+        count_loss, predicted = count_visits(model, blocks, batch_size)
     count_tokens = int(blocks.numel())  # every token's route is counted; the loss predicts all but the first
     pruned, layers = prune_model(model, min_visits)
     if eval_blocks is None:
         loss_before, tokens = count_loss, predicted
     else:
-        loss_before, tokens = mean_loss(model, eval_blocks, batch_size)
+        with path_walk(model):
+            loss_before, tokens = mean_loss(model, eval_blocks, batch_size)
     loss_after, _ = mean_loss(pruned, blocks if eval_blocks is None else eval_blocks, batch_size)
     ppl_before, ppl_after = math.exp(min(loss_before, 50.0)), math.exp(min(loss_after, 50.0))
     report = PruneReport(
@@ -152,6 +155,21 @@ def prune_and_measure(model: nn.Module, blocks: torch.Tensor, batch_size: int, m
         layers=layers,
     )
     return pruned, report
+
+
+@contextlib.contextmanager
+def path_walk(model: nn.Module):
+    """Node-family layers with impl=auto walk their paths (the gather path) inside the block:
+    pruned layers always walk, and auto may take the masked path at larger batches, whose sums
+    round differently, so the before/after comparison would not be exact."""
+    layers = [m for m in model.modules() if isinstance(m, TreeFFN) and m.impl == "auto"]
+    for m in layers:
+        m.impl = "gather"
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.impl = "auto"
 
 
 # ------------------------------------------------------------------------------ run dirs

@@ -272,7 +272,11 @@ def effective_impl(layer, device) -> str:
             triton_available = None
         if triton_available is not None and triton_available():
             return "triton"
-    return "masked" if layer.training else "gather"
+    if layer.training:
+        return "masked"
+    from treeffn.kernels import cpu_gather_max_tokens
+
+    return f"gather (up to {cpu_gather_max_tokens()} tokens a call; masked above)"
 
 
 def describe_model(loaded, routing: str | None, device, autocast_dtype) -> dict:

@@ -44,7 +44,7 @@ from treeffn.layers.activations import get_activation
 # Activation names (treeffn.layers.activations) -> the constexpr id the kernels branch on.
 ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "tanh": 4, "identity": 5}
 WGRADS = ("auto", "sparse", "dense")
-MODES = ("auto", "gather", "dense")
+MODES = ("auto", "gather", "dense", "decode")
 # mode="auto": the path-only kernels up to this many tokens, the GEMM form above (measured
 # crossover on an H200 at OPT-1.3B width: 16 tokens).
 GATHER_MAX_TOKENS = 16
@@ -533,9 +533,15 @@ def grad_dense(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
     return g, gz
 
 
-def pick_mode(mode: str, tokens: int, depth: int) -> str:
+def pick_mode(mode: str, tokens: int, depth: int, needs_grad: bool = False) -> str:
     if mode == "auto":
+        from treeffn.kernels.triton_decode import DECODE_MAX_TOKENS
+
+        if not needs_grad and tokens <= DECODE_MAX_TOKENS:
+            return "decode"  # inference at decode sizes: the one-launch kernel (triton_decode.py)
         mode = "gather" if tokens <= GATHER_MAX_TOKENS else "dense"
+    if mode == "decode" and needs_grad:
+        raise ValueError("mode='decode' is inference only (no autograd); use mode auto, gather or dense to train")
     if mode == "dense" and depth > DENSE_MAX_DEPTH:
         mode = "gather"  # a (tokens, N) routing tile per tree would not fit
     return mode
@@ -616,7 +622,9 @@ def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str
 
     x: (T, d). Differentiable when grad mode is on and any input requires grad. Under CUDA
     autocast the inputs and weights are cast to the autocast dtype, as F.linear would be.
-    mode: "gather" (path rows only), "dense" (GEMM form) or "auto" (by token count).
+    mode: "gather" (path rows only), "dense" (GEMM form), "decode" (inference only: the one-launch
+    kernel of triton_decode.py) or "auto" (decode for inference up to DECODE_MAX_TOKENS tokens,
+    else gather up to GATHER_MAX_TOKENS, else dense).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
@@ -638,7 +646,6 @@ def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str
     dtype = x.dtype
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
-    mode = pick_mode(mode, x.shape[0], depth)
     act_id = ACT_IDS[activation]
     node_act = placement == "node"
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -646,6 +653,11 @@ def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str
         b_in = b_in.to(dtype).contiguous() if b_in is not None else None
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, w_in, b_in, w_out))
+        mode = pick_mode(mode, x.shape[0], depth, needs_grad)
+        if mode == "decode":
+            from treeffn.kernels.triton_decode import tree_decode
+
+            return tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation)
         if needs_grad:
             out, node = TreeFFNFunction.apply(x, w_in, b_in, w_out, depth, node_act, act_id, wgrad, mode)
             y = out if node_act else get_activation(activation)(out)

@@ -14,8 +14,10 @@ three vectors:
                           of its own z_n; the up branch is summed over the same path)
 
 The path is the stop-gradient hard path of the node family. Parameters: the node family's
-``w_in`` (gate rows), ``b_in`` and ``w_out``, plus ``w_up`` (K*N, d), same order. There is no
-Triton kernel for it: ``impl`` auto picks masked (train) / gather (eval).
+``w_in`` (gate rows), ``b_in`` and ``w_out``, plus ``w_up`` (K*N, d), same order. Training has
+no Triton kernel (``impl=triton`` is refused); ``impl=auto`` runs masked in training, and at
+inference the one-launch decode kernel (treeffn/kernels/triton_decode.py) on CUDA for up to
+64 tokens a call, masked above; on the CPU the rule of ``treeffn.kernels.auto_impl``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treeffn.layers.path_ops import row_dots, weighted_rows
 from treeffn.layers.routing import global_node_index, route_from_logits
 from treeffn.layers.tree_ffn import TreeFFN
 
@@ -53,11 +56,41 @@ class GatedTreeFFN(TreeFFN):
         if shape[-1] != self.d_model:
             raise ValueError(f"GatedTreeFFN expects inputs with last dimension {self.d_model}, got {tuple(shape)}")
         flat = x.reshape(-1, self.d_model)
-        impl = self.impl if self.impl != "auto" else ("masked" if self.training else "gather")
-        y, path = self.forward_masked(flat) if impl == "masked" else self.forward_gather(flat)
+        impl = self.impl if self.impl != "auto" else self._auto_impl(flat)
+        if impl == "decode":
+            from treeffn.kernels import tree_decode
+
+            if not torch.is_autocast_enabled("cuda") and flat.dtype == self.w_in.dtype:
+                y, path = tree_decode(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
+                                      self.placement, self.activation, w_up=self.w_up)
+            else:  # under autocast, as F.linear would: inputs and weights in the autocast dtype
+                dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else flat.dtype
+                with torch.autocast(device_type="cuda", enabled=False):
+                    w = [t.to(dtype) if t is not None else None for t in (self.w_in, self.b_in, self.w_out, self.w_up)]
+                    y, path = tree_decode(flat.to(dtype), w[0], w[1], w[2], self.trees, self.depth, self.placement,
+                                          self.activation, w_up=w[3])
+        elif impl == "masked":
+            y, path = self.forward_masked(flat)
+        else:
+            y, path = self.forward_gather(flat)
         if self.track_stats:
             self._count_visits(path)
         return y.view(shape)
+
+    def _auto_impl(self, x: torch.Tensor) -> str:
+        """impl=auto: masked in training; at inference the decode kernel on CUDA up to
+        DECODE_MAX_TOKENS tokens (masked above: the gather walk is 50-100x slower than dense on a
+        GPU), and on the CPU what ``treeffn.kernels.auto_impl`` picks (gather or masked)."""
+        from treeffn.kernels import auto_impl, triton_available
+
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad)
+        if self.training or needs_grad:
+            return "masked"
+        if x.is_cuda:
+            from treeffn.kernels import DECODE_MAX_TOKENS
+
+            return "decode" if x.shape[0] <= DECODE_MAX_TOKENS and triton_available() else "masked"
+        return auto_impl(x, training=False)
 
     def forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = F.linear(x, self.w_in, self.b_in)
@@ -76,23 +109,21 @@ class GatedTreeFFN(TreeFFN):
         rows, gates, ups = [], [], []
         for _ in range(self.depth + 1):
             row = local + offsets
-            z = torch.bmm(self.w_in[row], x.unsqueeze(2)).squeeze(2)
+            z = row_dots(self.w_in, row, x)
             if self.b_in is not None:
                 z = z + self.b_in[row]
             rows.append(row)
             gates.append(z)
-            ups.append(torch.bmm(self.w_up[row], x.unsqueeze(2)).squeeze(2))
+            ups.append(row_dots(self.w_up, row, x))
             local = 2 * local + 1 + (z > 0).long()
         rows_t = torch.stack(rows, dim=2).view(tokens, -1)
         z_t = torch.stack(gates, dim=2).view(tokens, -1)
         u_t = torch.stack(ups, dim=2).view(tokens, -1)
         if self.placement == "node":
-            y = F.embedding_bag(rows_t, self.w_out, per_sample_weights=self.act(z_t) * u_t, mode="sum")
+            y = weighted_rows(self.w_out, rows_t, self.act(z_t) * u_t)
         else:
-            s = F.embedding_bag(rows_t, self.w_out, per_sample_weights=z_t, mode="sum")
-            v = F.embedding_bag(rows_t, self.w_out, per_sample_weights=u_t, mode="sum")
-            y = self.act(s) * v
-        return y, rows_t.view(tokens, self.trees, -1) - offsets.view(1, -1, 1)
+            y = self.act(weighted_rows(self.w_out, rows_t, z_t)) * weighted_rows(self.w_out, rows_t, u_t)
+        return y.to(x.dtype), rows_t.view(tokens, self.trees, -1) - offsets.view(1, -1, 1)
 
 
 def gated_tree_parameter_count(d_model: int, depth: int, trees: int, bias: bool = False) -> int:

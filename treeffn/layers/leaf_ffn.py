@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from treeffn.layers.activations import get_activation
+from treeffn.layers.path_ops import row_dots, weighted_rows
 from treeffn.layers.routing import nodes_per_tree
 
 ROUTING_MODES = ("auto", "soft", "hard")
@@ -193,7 +194,7 @@ class LeafFFN(nn.Module):
         node = torch.zeros(tokens, self.trees, dtype=torch.long, device=x.device)
         for _ in range(self.depth):
             row = node + offsets
-            z = torch.bmm(self.router_w[row], x.unsqueeze(2)).squeeze(2) + self.router_b[row]
+            z = row_dots(self.router_w, row, x) + self.router_b[row]
             node = 2 * node + 1 + (z > 0).long()
         return node - self.routers
 
@@ -207,7 +208,7 @@ class LeafFFN(nn.Module):
         rows, logits = [], []
         for _ in range(self.depth):
             row = node + offsets
-            z = torch.bmm(self.router_w[row], x.unsqueeze(2)).squeeze(2) + self.router_b[row]
+            z = row_dots(self.router_w, row, x) + self.router_b[row]
             rows.append(node)
             logits.append(z)
             node = 2 * node + 1 + (z > 0).long()
@@ -234,25 +235,26 @@ class LeafFFN(nn.Module):
         tokens, w = x.shape[0], self.leaf_width
         safe = slot.clamp_min(0)
         rows = (safe.unsqueeze(-1) * w + torch.arange(w, device=x.device)).view(tokens, -1)  # (T, K*w)
-        w_in = self.leaf_in[rows]  # (T, K*w, d)
-        h = torch.bmm(w_in, x.unsqueeze(2)).squeeze(2)
+        h = row_dots(self.leaf_in, rows, x)  # (T, K*w)
         if self.leaf_in_b is not None:
             h = h + self.leaf_in_b[rows]
         h = self.act(h)
         if self.gated:
-            h = h * torch.bmm(self.leaf_up[rows], x.unsqueeze(2)).squeeze(2)
-        h = h * alive.repeat_interleave(w, dim=1).to(h.dtype)  # pruned leaves contribute nothing
-        y = F.embedding_bag(rows, self.leaf_out, per_sample_weights=h, mode="sum")
+            h = h * row_dots(self.leaf_up, rows, x)
+        # pruned leaves contribute nothing (expand, not repeat_interleave: a view, nothing read on the host)
+        h = h * alive.unsqueeze(-1).expand(-1, -1, w).reshape(tokens, -1).to(h.dtype)
+        y = weighted_rows(self.leaf_out, rows, h)
         if self.leaf_out_b is not None:
             y = y + (self.leaf_out_b[safe] * alive.unsqueeze(-1).to(y.dtype)).sum(1)
-        return y
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _count_visits(self, x: torch.Tensor, leaf: torch.Tensor) -> None:
         """Visits along each token's hard path: D routers and one leaf per tree."""
         heap = self._heap_path(leaf)
         offsets = torch.arange(self.trees, device=leaf.device).view(1, -1, 1) * self.nodes
-        self.node_visits += torch.bincount((heap + offsets).flatten(), minlength=self.trees * self.nodes)
+        rows = (heap + offsets).flatten()
+        self.node_visits.index_add_(0, rows, torch.ones_like(rows))  # no host sync (bincount has one on CUDA)
 
     def _heap_path(self, leaf: torch.Tensor) -> torch.Tensor:
         """(T, K) leaf index -> (T, K, D+1) heap indices from the root down to the leaf."""

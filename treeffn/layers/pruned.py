@@ -14,11 +14,11 @@ routing statistics read a pruned layer like an unpruned one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from treeffn.layers.activations import get_activation
 from treeffn.layers.leaf_ffn import LeafFFN
+from treeffn.layers.path_ops import row_dots, weighted_rows
 from treeffn.layers.routing import nodes_per_tree
 from treeffn.layers.tree_ffn import TreeFFN
 
@@ -100,8 +100,8 @@ class PrunedTreeFFN(nn.Module):
         if self.track_stats:
             with torch.no_grad():
                 heap = torch.cat([p[1] for p in parts]).flatten()
-                heap = heap[heap >= 0]
-                self.node_visits += torch.bincount(heap, minlength=self.node_visits.numel())
+                # index_add_ with 0/1 weights, not a boolean selection + bincount: no host sync
+                self.node_visits.index_add_(0, heap.clamp_min(0), (heap >= 0).long())
         return y.view(shape)
 
     @torch.no_grad()
@@ -113,7 +113,7 @@ class PrunedTreeFFN(nn.Module):
         for _ in range(self.depth + 1):
             alive = cur >= 0
             row = cur.clamp_min(0)
-            z = torch.bmm(self.w_in[row], x.unsqueeze(2)).squeeze(2)
+            z = row_dots(self.w_in, row, x)
             if self.b_in is not None:
                 z = z + self.b_in[row]
             rows.append(torch.where(alive, self.heap_index[row], -1))
@@ -129,11 +129,11 @@ class PrunedTreeFFN(nn.Module):
         for _ in range(self.depth + 1):
             alive = cur >= 0
             row = cur.clamp_min(0)
-            z = torch.bmm(self.w_in[row], x.unsqueeze(2)).squeeze(2)
+            z = row_dots(self.w_in, row, x)
             if self.b_in is not None:
                 z = z + self.b_in[row]
             if self.gated:
-                ups.append(torch.bmm(self.w_up[row], x.unsqueeze(2)).squeeze(2))
+                ups.append(row_dots(self.w_up, row, x))
             rows.append(row)
             gates.append(z)
             heaps.append(torch.where(alive, self.heap_index[row], -1))
@@ -145,19 +145,18 @@ class PrunedTreeFFN(nn.Module):
         if self.gated:
             u_t = torch.stack(ups, dim=2).view(tokens, -1)
             if self.placement == "node":
-                weights = torch.where(alive_t, self.act(z_t) * u_t, 0.0)
-                y = F.embedding_bag(rows_t, self.w_out, per_sample_weights=weights, mode="sum")
+                y = weighted_rows(self.w_out, rows_t, torch.where(alive_t, self.act(z_t) * u_t, 0.0))
             else:
-                s = F.embedding_bag(rows_t, self.w_out, per_sample_weights=torch.where(alive_t, z_t, 0.0), mode="sum")
-                v = F.embedding_bag(rows_t, self.w_out, per_sample_weights=torch.where(alive_t, u_t, 0.0), mode="sum")
+                s = weighted_rows(self.w_out, rows_t, torch.where(alive_t, z_t, 0.0))
+                v = weighted_rows(self.w_out, rows_t, torch.where(alive_t, u_t, 0.0))
                 y = self.act(s) * v
         else:
             weights = self.act(z_t) if self.placement == "node" else z_t
             weights = torch.where(alive_t, weights, 0.0)
-            y = F.embedding_bag(rows_t, self.w_out, per_sample_weights=weights, mode="sum")
+            y = weighted_rows(self.w_out, rows_t, weights)
             if self.placement == "post_sum":
                 y = self.act(y)
-        return y, torch.stack(heaps, dim=2)  # global heap rows, -1 where the walk stopped
+        return y.to(x.dtype), torch.stack(heaps, dim=2)  # global heap rows, -1 where the walk stopped
 
 
 class PrunedLeafFFN(LeafFFN):

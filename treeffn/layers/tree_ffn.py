@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treeffn import kernels
 from treeffn.config import IMPLS, PLACEMENTS
 from treeffn.layers.activations import get_activation
+from treeffn.layers.path_ops import FULL_PRECISION, gather_chunk_tokens, row_dots, weighted_rows
 from treeffn.layers.routing import global_node_index, nodes_per_tree, route_from_logits
 
 # The gather path materialises (tokens, trees, d) per level; cap a chunk at this many elements.
@@ -102,11 +104,17 @@ class TreeFFN(nn.Module):
         if shape[-1] != self.d_model:
             raise ValueError(f"TreeFFN expects inputs with last dimension {self.d_model}, got {tuple(shape)}")
         flat = x.reshape(-1, self.d_model)
+        if self._decode_fast_path(flat):
+            # a decode step: straight to the one-launch kernel (what auto/triton pick here anyway),
+            # without the general entry point's checks and casts, which a step pays on the host
+            y, path = kernels.tree_decode(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
+                                          self.placement, self.activation)
+            if self.track_stats:
+                self._count_visits(path)
+            return y.view(shape)
         impl = self.impl
         if impl == "auto":
-            from treeffn.kernels import auto_impl
-
-            impl = auto_impl(flat, self.training)  # the fastest measured path for device and batch
+            impl = kernels.auto_impl(flat, self.training)  # the fastest measured path for device and batch
         if impl == "triton":
             from treeffn.kernels import tree_ffn_triton
 
@@ -120,6 +128,13 @@ class TreeFFN(nn.Module):
             self._count_visits(path)
         return y.view(shape)
 
+    def _decode_fast_path(self, flat: torch.Tensor) -> bool:
+        """Inference on CUDA at decode sizes, inputs already in the weights' dtype, no autocast."""
+        return (flat.is_cuda and not self.training and self.impl in ("auto", "triton")
+                and flat.shape[0] <= kernels.DECODE_MAX_TOKENS and not torch.is_grad_enabled()
+                and flat.dtype == self.w_in.dtype and not torch.is_autocast_enabled("cuda")
+                and kernels.triton_available())
+
     def forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training path: all node pre-activations in one GEMM, mask to the path, second GEMM."""
         z = F.linear(x, self.w_in, self.b_in)
@@ -132,7 +147,10 @@ class TreeFFN(nn.Module):
 
     def forward_gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference path: touches only the D+1 path rows of each tree."""
-        chunk = max(1, _GATHER_CHUNK_ELEMENTS // (self.trees * self.d_model))
+        per_token = self.trees * self.d_model
+        if x.dtype not in FULL_PRECISION:  # the output rows are gathered too (path_ops.weighted_rows)
+            per_token *= self.depth + 1
+        chunk = gather_chunk_tokens(_GATHER_CHUNK_ELEMENTS, per_token)
         if x.shape[0] <= chunk:
             return self._gather_chunk(x)
         parts = [self._gather_chunk(piece) for piece in x.split(chunk)]
@@ -141,14 +159,14 @@ class TreeFFN(nn.Module):
     def walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Root-to-leaf walk of (T, d) tokens: (global rows, pre-activations z), each (T, K, D+1).
 
-        Differentiable in z; the rows (the routing) are constants.
+        Differentiable in z; the rows (the routing) are constants. z is float32 for bf16/fp16 inputs.
         """
         offsets = torch.arange(self.trees, device=x.device) * self.nodes
         local = torch.zeros(x.shape[0], self.trees, dtype=torch.long, device=x.device)
         rows, logits = [], []
         for _ in range(self.depth + 1):
             row = local + offsets  # (T, K) global rows
-            z = torch.bmm(self.w_in[row], x.unsqueeze(2)).squeeze(2)  # (T, K)
+            z = row_dots(self.w_in, row, x)  # (T, K)
             if self.b_in is not None:
                 z = z + self.b_in[row]
             rows.append(row)
@@ -160,19 +178,20 @@ class TreeFFN(nn.Module):
         tokens = x.shape[0]
         rows, z = self.walk(x)
         weights = self.act(z) if self.placement == "node" else z
-        # y[t] = sum_{k,l} weights[t,k,l] * w_out[rows[t,k,l]] without building (T, K, L, d).
-        y = F.embedding_bag(
-            rows.view(tokens, -1), self.w_out, per_sample_weights=weights.reshape(tokens, -1), mode="sum"
-        )
+        # y[t] = sum_{k,l} weights[t,k,l] * w_out[rows[t,k,l]]
+        y = weighted_rows(self.w_out, rows.view(tokens, -1), weights.reshape(tokens, -1))
         if self.placement == "post_sum":
             y = self.act(y)
+        y = y.to(x.dtype)
         offsets = torch.arange(self.trees, device=x.device).view(1, -1, 1) * self.nodes
         return y, rows - offsets
 
     @torch.no_grad()
     def _count_visits(self, path: torch.Tensor) -> None:
+        # index_add_, not bincount: bincount sizes its output from the data (a host sync on CUDA),
+        # which a CUDA-graph capture of a decode step cannot contain.
         rows = global_node_index(path, self.depth).flatten()
-        self.node_visits += torch.bincount(rows, minlength=self.total_nodes)
+        self.node_visits.index_add_(0, rows, torch.ones_like(rows))
 
 
 def tree_ffn_parameter_count(d_model: int, depth: int, trees: int, bias: bool = True) -> int:
