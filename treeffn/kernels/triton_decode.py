@@ -165,10 +165,15 @@ def _decode_kernel(
 # --------------------------------------------------------------------------- tiles, workspace
 def decode_config(tokens: int, d: int, trees: int, levels: int) -> dict:
     """Tile choice: KB trees per program, SPEC levels per routing round, BD columns per load."""
-    spec = 2 if levels > 1 else 1
+    # Defaults from the tile sweep on an H200 (results/h200_decode/call1/tune.json; d=2048, K=64,
+    # D=6): one tree a program and whole rows per load; two levels a routing round up to 8
+    # tokens (17.7 µs at 1 token against 24.4 with half rows), one level above (42.0 µs at 32
+    # tokens against 48.6), where the extra speculative rows cost more than the saved round trip.
+    small = tokens <= 8
+    spec = 2 if levels > 1 and small else 1
     kb = 1 if tokens * trees >= 64 else min(_p2(trees), 4)
-    bd = min(_p2(d), 1024)
-    cfg = dict(KB=kb, SPEC=spec, BD=bd)
+    bd = min(_p2(d), 2048)
+    cfg = dict(KB=kb, SPEC=spec, BD=bd, num_warps=8 if small and bd >= 2048 else 4)
     if TUNED:
         above = [t for t in TUNED if t >= tokens]
         cfg.update(TUNED[min(above) if above else max(TUNED)])
