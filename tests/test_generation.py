@@ -13,17 +13,13 @@ import torch
 from tests.conftest import run_cli
 from treeffn.generation import DecodeLoop, Sampling, generate
 from treeffn.generation.capture import CaptureUnsafe, HostSyncGuard
+from treeffn.generation.parity import FAMILY_PRESETS
 from treeffn.models.build import build_model
 
 VOCAB = 211
-BASE = {"hidden_size": 32, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "max_position_embeddings": 64, "word_embed_proj_dim": 32, "do_layer_norm_before": True, "dropout": 0.0}
-FAMILIES = {
-    "opt": {**BASE, "family": "opt", "activation": "gelu"},
-    "gpt2": {**BASE, "family": "gpt2", "activation": "gelu_tanh"},
-    "llama": {**BASE, "family": "llama", "activation": "silu", "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "tie_word_embeddings": True},
-}
+# The families of treeffn.generation.parity, at a smaller width.
+FAMILIES = {name: {**cfg, "hidden_size": 32, "ffn_dim": 128, "word_embed_proj_dim": 32}
+            for name, cfg in FAMILY_PRESETS.items()}
 
 
 def tree_cfg(ffn="tree", family="node", placement="node", activation="gelu", depth=2):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from treeffn import TreeFFN
+from treeffn.kernels.parity import ACTIVATIONS, reference_tree
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -73,31 +73,8 @@ def _interpret_and_poison(request, monkeypatch):
     monkeypatch.setattr(tt, "_empty", poisoned)
 
 
-ACTS = {
-    "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu,
-    "tanh": torch.tanh, "identity": lambda z: z,
-}
-
-
-def reference(x, w_in, b_in, w_out, trees, depth, placement, activation, path=None):
-    """Float64 masked formulation. With ``path`` given, routing is forced to it (used for low
-    precision inputs, where a near-tie may legitimately go the other way)."""
-    n_nodes = 2 ** (depth + 1) - 1
-    z = x @ w_in.T + (b_in if b_in is not None else 0)
-    T = x.shape[0]
-    if path is None:
-        zz = z.detach().view(T, trees, n_nodes)
-        node = torch.zeros(T, trees, 1, dtype=torch.long, device=x.device)
-        steps = [node]
-        for _ in range(depth):
-            node = 2 * node + 1 + (torch.gather(zz, 2, node) > 0).long()
-            steps.append(node)
-        path = torch.cat(steps, dim=2)
-    rows = (path + torch.arange(trees, device=x.device).view(1, -1, 1) * n_nodes).view(T, -1)
-    mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
-    act = ACTS[activation]
-    y = (act(z) * mask) @ w_out if placement == "node" else act((z * mask) @ w_out)
-    return y, path, z
+ACTS = ACTIVATIONS
+reference = reference_tree  # float64, through all pre-activations and a path mask: (y, path, z)
 
 
 def make_params(d, depth, trees, bias, dtype=torch.float64, scale=1.0):
@@ -366,19 +343,8 @@ def test_bench_configs_mix_presets_and_custom():
 
 # --------------------------------------------------------------------------- the one-launch decode kernel
 def decode_reference(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=None):
-    """Float64 masked formulation of the (gated) tree layer: y and the path (T, K, D+1)."""
-    if w_up is None:
-        y, path, _ = reference(x, w_in, b_in, w_out, trees, depth, placement, activation)
-        return y, path
-    _, path, z = reference(x, w_in, b_in, w_out, trees, depth, placement, activation)
-    n_nodes = 2 ** (depth + 1) - 1
-    rows = (path + torch.arange(trees, device=x.device).view(1, -1, 1) * n_nodes).view(x.shape[0], -1)
-    mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
-    u = x @ w_up.T
-    act = ACTS[activation]
-    if placement == "node":
-        return (act(z) * u * mask) @ w_out, path
-    return act((z * mask) @ w_out) * ((u * mask) @ w_out), path
+    y, path, _ = reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
+    return y, path
 
 
 @pytest.fixture

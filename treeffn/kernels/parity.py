@@ -5,8 +5,8 @@ against an independent float64 reference written here: outputs within ``tol`` an
 decision equal, over both placements, bias on/off, every activation, plain and gated trees, and
 the given tile choices and token counts. ``path_parity`` runs ``treeffn bench``'s check (outputs,
 gradients for training paths, routing decisions with near-tie allowance) for any path at a
-given width and dtype. tests/test_kernels.py covers the same ground with its own reference on
-the CPU (Triton's interpreter); scripts/h200_decode.py runs both on the GPU.
+given width and dtype. tests/test_kernels.py checks against the same reference on the CPU
+(Triton's interpreter); scripts/h200_decode.py runs both on the GPU.
 """
 
 from __future__ import annotations
@@ -22,18 +22,21 @@ ACTIVATIONS = {
 }
 
 
-def reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=None):
-    """Float64 tree layer through all node pre-activations and a 0/1 path mask: (y, path (T, K, D+1))."""
+def reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=None, path=None):
+    """Float64 tree layer through all node pre-activations and a 0/1 path mask: (y, path (T, K, D+1), z).
+
+    ``path`` given: that path is used instead of the descent (to compare gradients on the same path)."""
     n_nodes = 2 ** (depth + 1) - 1
     T = x.shape[0]
     z = x @ w_in.T + (b_in if b_in is not None else 0)
-    zz = z.view(T, trees, n_nodes)
-    node = torch.zeros(T, trees, 1, dtype=torch.long, device=x.device)
-    steps = [node]
-    for _ in range(depth):
-        node = 2 * node + 1 + (torch.gather(zz, 2, node) > 0).long()
-        steps.append(node)
-    path = torch.cat(steps, dim=2)
+    if path is None:
+        zz = z.detach().view(T, trees, n_nodes)
+        node = torch.zeros(T, trees, 1, dtype=torch.long, device=x.device)
+        steps = [node]
+        for _ in range(depth):
+            node = 2 * node + 1 + (torch.gather(zz, 2, node) > 0).long()
+            steps.append(node)
+        path = torch.cat(steps, dim=2)
     rows = (path + torch.arange(trees, device=x.device).view(1, -1, 1) * n_nodes).view(T, -1)
     mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
     act = ACTIVATIONS[activation]
@@ -42,7 +45,7 @@ def reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_
     else:
         u = x @ w_up.T
         y = (act(z) * u * mask) @ w_out if placement == "node" else act((z * mask) @ w_out) * ((u * mask) @ w_out)
-    return y, path
+    return y, path, z
 
 
 def _params(T, d, trees, depth, bias, gated, device, gen):
@@ -83,7 +86,7 @@ def decode_parity(device, shapes: list[tuple[int, int, int, int]], tiles: list[d
                            "tile": td.decode_config(T, d, trees, depth + 1)}
                     try:
                         y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=w_up)
-                        y_ref, path_ref = reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
+                        y_ref, path_ref, _ = reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
                         err = ((y - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-30)).item()
                         rec.update(max_rel_err=err, routing_equal=bool(torch.equal(path, path_ref)),
                                    finite=bool(torch.isfinite(y).all()))
@@ -110,7 +113,7 @@ def training_parity(device, shapes: list[tuple[int, int, int, int]], seed: int =
         x, w_in, b_in, w_out, _ = _params(T, d, trees, depth, True, False, device, gen)
         gy = torch.randn(T, d, dtype=torch.float64, generator=gen).to(device)
         leaves = [t.clone().requires_grad_(True) for t in (x, w_in, b_in, w_out)]
-        y_ref, path_ref = reference_tree(*leaves, trees, depth, placement, activation)
+        y_ref, path_ref, _ = reference_tree(*leaves, trees, depth, placement, activation)
         refs = torch.autograd.grad(y_ref, leaves, gy)
         for mode in ("gather", "dense"):
             rec = {"kernel": f"triton_{mode}", "tokens": T, "d": d, "trees": trees, "depth": depth,

@@ -23,6 +23,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def write_record(out_dir, name: str, result: dict, md: str) -> None:
+    """<name>.json (the raw record) and <name>.md beside it; the table is printed too."""
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{name}.md").write_text(md)
+    print()
+    print(md)
+    print(f"wrote {out_dir / f'{name}.json'} and {out_dir / f'{name}.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="treeffn bench",
@@ -146,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         from treeffn.kernels.bench.decode import decode_markdown, run_decode_bench
 
         result = run_decode_bench(args)
-        md = decode_markdown(result)
-        (out_dir / "decode.json").write_text(json.dumps(result, indent=1))
-        (out_dir / "decode.md").write_text(md)
-        print()
-        print(md)
-        print(f"wrote {out_dir / 'decode.json'} and {out_dir / 'decode.md'}")
+        write_record(out_dir, "decode", result, decode_markdown(result))
         return 0
     from treeffn.kernels import triton_available
     from treeffn.kernels.bench.layer import run_layer_bench
@@ -161,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# triton paths not run: " + ("Triton is not installed" if not triton_available()
                                            else "no CUDA device (TRITON_INTERPRET=1 runs them slowly)"), flush=True)
     result = run_layer_bench(args, out_dir)
-    md = markdown(result)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "bench.md").write_text(md)
-    print()
-    print(md)
-    print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
+    write_record(out_dir, "bench", result, markdown(result))
     if result["failures"]:
         print(f"treeffn bench: {result['failures']} path(s) failed the float64 check", file=sys.stderr)
         return 1
