@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import run_cli
 from treeffn import TreeFFN
 from treeffn.analysis.routing import LevelLogits, layer_summary, normalized_leaf_entropy, right_fraction, verdict
 

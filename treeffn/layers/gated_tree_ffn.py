@@ -125,7 +125,3 @@ class GatedTreeFFN(TreeFFN):
             y = self.act(weighted_rows(self.w_out, rows_t, z_t)) * weighted_rows(self.w_out, rows_t, u_t)
         return y.to(x.dtype), rows_t.view(tokens, self.trees, -1) - offsets.view(1, -1, 1)
 
-
-def gated_tree_parameter_count(d_model: int, depth: int, trees: int, bias: bool = False) -> int:
-    total = trees * (2 ** (depth + 1) - 1)
-    return total * (3 * d_model + (1 if bias else 0))

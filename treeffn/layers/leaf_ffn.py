@@ -265,9 +265,6 @@ class LeafFFN(nn.Module):
             path.append(node)
         return torch.stack(path[::-1], dim=2)
 
-    def router_entropy(self) -> torch.Tensor | None:
-        return self.last_router_entropy
-
 
 def leaf_layers(model: nn.Module) -> list[LeafFFN]:
     return [m for m in model.modules() if isinstance(m, LeafFFN)]

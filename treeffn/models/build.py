@@ -22,7 +22,7 @@ from torch import nn
 from treeffn.config import ConfigError
 from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES, LeafFFN, PrunedLeafFFN, PrunedTreeFFN, TreeFFN
 from treeffn.layers.dense_ffn import dense_units
-from treeffn.models.families import FAMILIES, config_widths, hf_config_kwargs, init_std_of
+from treeffn.models.families import FAMILIES, config_widths, hf_config_kwargs
 from treeffn.models.swap import ffn_modules, model_family, swap_mlp, tree_layers
 from treeffn.models.tree_settings import make_tree_layer, tree_settings
 

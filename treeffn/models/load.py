@@ -42,9 +42,6 @@ class LoadedModel:
     ffn: str = "dense"               # "tree" or "dense"
     extra: dict = field(default_factory=dict)
 
-    def data_config(self) -> dict | None:
-        return None if self.config is None else dict(self.config["data"])
-
 
 # ------------------------------------------------------------------------------ run dirs
 def read_run_config(run_dir: Path) -> dict:

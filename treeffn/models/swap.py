@@ -15,11 +15,6 @@ from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES
 from treeffn.models.families import Family, dense_of, find_decoder_layers, get_ffn, install
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a supported causal LM, or a clear error for anything else."""
-    return find_decoder_layers(model)[1]
-
-
 def model_family(model: nn.Module) -> Family:
     return find_decoder_layers(model)[0]
 

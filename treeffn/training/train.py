@@ -91,8 +91,6 @@ def make_loggers(cfg: dict, run_dir: Path, resume_step: int, rank_zero: bool = T
 
 
 def wandb_mode(setting: str) -> str:
-    import os
-
     if setting != "auto":
         return setting
     if os.environ.get("WANDB_MODE"):
@@ -140,14 +138,15 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     except ConfigError:
         raise  # bad input: nothing ran, nothing is recorded (and Lightning need not be imported)
     except (Preempted, KeyboardInterrupt) as e:
+        stop = e
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside the training loop (loading, the final export)
-            e = Preempted("Ctrl-C outside the training steps (while loading or exporting); the newest checkpoint in "
-                          f"{run_dir / 'checkpoints'} (if any) is kept; rerun the same command to continue",
-                          signal_name="SIGINT")
+            stop = Preempted("Ctrl-C outside the training steps (while loading or exporting); the newest checkpoint "
+                             f"in {run_dir / 'checkpoints'} (if any) is kept; rerun the same command to continue",
+                             signal_name="SIGINT")
         if _is_global_zero():  # one record per run, whatever the number of ranks
-            _record_quietly(lambda: append_record(index, {"run_dir": str(run_dir), "status": e.status,
-                                                          "error": str(e)}))
-        raise e from None
+            _record_quietly(lambda: append_record(index, {"run_dir": str(run_dir), "status": stop.status,
+                                                          "error": str(stop)}))
+        raise stop from None
     except BaseException as e:
         full = storage_error(e)
         error = _storage_message(full, run_dir) if full is not None else f"{type(e).__name__}: {e}".strip()

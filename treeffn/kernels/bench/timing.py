@@ -110,16 +110,23 @@ def rotation_copies(device: torch.device, weight_bytes: int) -> int:
 def measure_ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
     """Copy bandwidth (bytes read + written) and a large GEMM's rate, on random data."""
     n = (1 << 30) if device.type == "cuda" else (1 << 27)  # several times the L2 / L3
-    src = torch.randn(n // 4, device=device)
-    dst = torch.empty_like(src)
-    t_copy = timer.gpu(lambda: dst.copy_(src))["gpu_us"]
     m = 8192 if device.type == "cuda" else 1024
     gdt = dtype if device.type == "cuda" else torch.float32
-    a, b = torch.randn(m, m, device=device, dtype=gdt), torch.randn(m, m, device=device, dtype=gdt)
-    t_mm = timer.gpu(lambda: a @ b)["gpu_us"]
-    del src, dst, a, b
+    t_copy = _copy_us(n, device, timer)  # each helper frees its buffers when it returns
+    t_mm = _gemm_us(m, device, gdt, timer)
     return {"copy_GBps": 2 * n / t_copy / 1e3, "gemm_TFLOPs": 2 * m**3 / t_mm / 1e6,
             "gemm": f"{m}x{m}x{m} {str(gdt).replace('torch.', '')}", "copy_bytes": n}
+
+
+def _copy_us(n: int, device: torch.device, timer: Timer) -> float:
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    return timer.gpu(lambda: dst.copy_(src))["gpu_us"]
+
+
+def _gemm_us(m: int, device: torch.device, dtype: torch.dtype, timer: Timer) -> float:
+    a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+    return timer.gpu(lambda: a @ b)["gpu_us"]
 
 
 def load_average() -> list[float] | None:
