@@ -1,6 +1,6 @@
 """Entry point of ``treeffn bench`` (argparse: a benchmark has no config tree to compose).
 
-The work is in treeffn.kernels.bench; ``treeffn bench --help`` lists the options.
+The work is in treeffn.bench; ``treeffn bench --help`` lists the options.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 
 def main() -> None:
-    from treeffn.kernels.bench import main as bench_main
+    from treeffn.bench import main as bench_main
 
     raise SystemExit(bench_main(sys.argv[1:]))
 

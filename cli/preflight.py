@@ -16,25 +16,15 @@ import difflib
 import os
 from importlib import resources
 
+from treeffn.config_files import CONFIG_PACKAGES, group_choices  # noqa: F401  (also this module's names)
+
 
 class OverrideError(ValueError):
     pass
 
 
-# The config roots: conf/, then sweeps/ (hydra.searchpath in conf/config.yaml; groups sweep, strategy).
-CONFIG_PACKAGES = ("treeffn.conf", "treeffn.sweeps")
 # Keys of the eval section beyond the defaults in conf/config.yaml: any key of the eval verb's config.
 EVAL_CONFIG = "eval.yaml"
-
-
-def group_choices(group: str) -> list[str]:
-    """Option names of a config group (<root>/<group>/*.yaml in any config root)."""
-    names: set[str] = set()
-    for package in CONFIG_PACKAGES:
-        folder = resources.files(package).joinpath(group)
-        if folder.is_dir():
-            names.update(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-    return sorted(names)
 
 
 def check_overrides(args: list[str], config_name: str = "config", verb: str = "train") -> None:

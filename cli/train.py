@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from treeffn.config_files import run_name  # also this module's name (tests, older callers)
+
 
 EXIT_BAD_INPUT = 2  # bad input or storage that refuses writes; one line names it; nothing is lost
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2 stopped training after a checkpoint; rerun to continue
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) stopped training after a checkpoint (128 + SIGINT, as shells report it)
-
-
-def run_name(override_dirname: str) -> str:
-    """Run-dir name from the command's overrides: the same command, the same run dir, and two
-    different commands never one. Characters a folder name should not carry become ``_``; when
-    that loses information (or the name is cut at 200 characters), ``@`` and a hash of the
-    whole overrides follow. A clean name never contains ``@``, so hashed names cannot collide
-    with clean ones."""
-    original = override_dirname or ""
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", original).strip("_")
-    if name != original or len(name) > 200:
-        name = f"{name[:189]}@{hashlib.sha256(original.encode()).hexdigest()[:10]}"
-    return name or "default"
 
 
 if not OmegaConf.has_resolver("treeffn_run_name"):

@@ -132,7 +132,7 @@ def run_pytest() -> dict:
 
 
 def kernel_checks(dev, sh) -> dict:
-    from treeffn.kernels.parity import decode_parity, path_parity, training_parity
+    from treeffn.bench.parity import decode_parity, path_parity, training_parity
 
     _, d, ffn, K, D = sh["width"]
     big = [(1, d, K, D), (8, d, K, D), (32, d, K, D), (64, d, K, D)]
@@ -161,7 +161,7 @@ def all_ok(records) -> tuple[int, int]:
 def layer_bench(dev, sh) -> dict:
     from types import SimpleNamespace
 
-    from treeffn.kernels.bench.layer import run_layer_bench
+    from treeffn.bench.layer import run_layer_bench
 
     name = sh["width"][0]
     paths = ["dense", "triton", "triton_decode", "triton_gather", "triton_dense", "masked"]
@@ -175,7 +175,7 @@ def layer_bench(dev, sh) -> dict:
 
 # --------------------------------------------------------------------------- main
 def main() -> int:
-    from treeffn.kernels.bench.timing import environment
+    from treeffn.bench.timing import environment
 
     dev = torch.device("cpu" if ARGS.smoke else "cuda")
     if not ARGS.smoke and not torch.cuda.is_available():
@@ -256,10 +256,10 @@ def main() -> int:
     else:
         t0 = time.perf_counter()
         try:
-            from treeffn.kernels.bench.problems import DTYPES
-            from treeffn.kernels.bench.timing import Timer
-            from treeffn.kernels.bench.tune import DECODE_SPACE, best_decode_tiles, tune_decode
-            from treeffn.kernels.parity import decode_parity
+            from treeffn.bench.problems import DTYPES
+            from treeffn.bench.timing import Timer
+            from treeffn.bench.tune import DECODE_SPACE, best_decode_tiles, tune_decode
+            from treeffn.bench.parity import decode_parity
 
             _, d, ffn, K, D = sh["width"]
             if ARGS.smoke:
@@ -308,7 +308,7 @@ def main() -> int:
     else:
         t0 = time.perf_counter()
         try:
-            from treeffn.kernels.bench.decode import build_lm, measure_decode, ratios
+            from treeffn.bench.decode import build_lm, measure_decode, ratios
 
             dtype = torch.float32 if ARGS.smoke else torch.bfloat16
             tb = time.perf_counter()
@@ -350,7 +350,7 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             from treeffn.generation import DecodeLoop
-            from treeffn.kernels.bench.decode import profile_step
+            from treeffn.bench.decode import profile_step
 
             prof = {}
             for B in sh["profile_batches"]:

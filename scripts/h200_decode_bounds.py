@@ -7,7 +7,7 @@
    models that differ only in the FFN: dense, tree (K=64, D=6) and "no FFN" (every FFN replaced
    by one kernel that writes zeros). The no-FFN step is what every model pays outside its FFN:
    dense / no-FFN is the highest tree/dense ratio any tree kernel could reach. Alternating order,
-   medians of rounds (treeffn.kernels.bench.decode.measure_decode, what the first call used).
+   medians of rounds (treeffn.bench.decode.measure_decode, what the first call used).
 2. identity: greedy tokens of the eager and the graphed loop for the same model and prompts, in
    float32 and in bf16 (batch 8, 32 new tokens). For every bf16 sequence that differs, the
    teacher-forced eager logits at the first differing step give the gap between the two tokens
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     from treeffn.generation import DecodeLoop
-    from treeffn.kernels.bench.decode import build_lm, measure_decode, ratios
+    from treeffn.bench.decode import build_lm, measure_decode, ratios
 
     dev = torch.device("cpu" if args.smoke else "cuda")
     preset = "tiny" if args.smoke else "opt1.3b"

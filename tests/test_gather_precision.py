@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from treeffn import GatedTreeFFN, LeafFFN, TreeFFN
-from treeffn.kernels.bench.problems import check_tree, make_tree
+from treeffn.bench.problems import check_tree, make_tree
 
 
 @pytest.fixture

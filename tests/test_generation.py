@@ -242,7 +242,7 @@ def test_cli_generate_bad_input_exits_2(tmp_path):
 
 def test_bench_decode_mode_on_cpu(tmp_path):
     """`treeffn bench --decode` end to end at a toy size: both models, medians, ratios, JSON and Markdown."""
-    from treeffn.kernels.bench import main
+    from treeffn.bench import main
 
     rc = main(["--device", "cpu", "--decode", "--decode-model", "tiny", "--decode-layers", "1",
                "--decode-batches", "1,2", "--decode-prompt", "3", "--decode-new", "4", "--decode-rounds", "2",
@@ -258,7 +258,7 @@ def test_bench_decode_mode_on_cpu(tmp_path):
 
 
 def test_profile_of_one_decode_step():
-    from treeffn.kernels.bench.decode import profile_step
+    from treeffn.bench.decode import profile_step
 
     model = make_model("opt", "tree")
     loop = DecodeLoop(model, 2, 12)

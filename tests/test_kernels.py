@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from treeffn import TreeFFN
-from treeffn.kernels.parity import ACTIVATIONS, reference_tree
+from treeffn.bench.parity import ACTIVATIONS, reference_tree
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -28,8 +28,9 @@ if not CUDA and not IN_SUBPROCESS:
 triton = pytest.importorskip("triton", reason="Triton is not installed (optional extra); kernel tests skipped")
 
 if IN_SUBPROCESS:
-    tt = None  # test_in_fresh_interpreter_process runs this file again in a new process
+    tt = tc = None  # test_in_fresh_interpreter_process runs this file again in a new process
 else:
+    import treeffn.kernels.triton_common as tc
     import treeffn.kernels.triton_tree as tt
 
 
@@ -70,7 +71,7 @@ def _interpret_and_poison(request, monkeypatch):
         t = torch.empty(*shape, dtype=dtype, device=device)
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
 
-    monkeypatch.setattr(tt, "_empty", poisoned)
+    monkeypatch.setattr(tc, "_empty", poisoned)  # the output buffers of both kernel modules
 
 
 ACTS = ACTIVATIONS
@@ -284,7 +285,7 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     """`treeffn bench` end to end at a toy size: checks pass, both timings per call, JSON and Markdown written."""
     import json
 
-    from treeffn.kernels.bench import main
+    from treeffn.bench import main
 
     rc = main(["--device", "cpu", "--configs", "custom:16,64,2,2", "--tokens", "3", "--paths", "dense,masked,gather",
                "--rep-ms", "1", "--out", str(tmp_path)])
@@ -316,7 +317,7 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     (["--placement", "middle"], "invalid choice"),
 ])
 def test_bench_refuses_bad_input_in_one_line(argv, message, tmp_path, capsys):
-    from treeffn.kernels.bench import main
+    from treeffn.bench import main
 
     with pytest.raises(SystemExit) if argv[0] == "--placement" else _no_raise():
         rc = main(["--device", "cpu", *argv, "--out", str(tmp_path)])
@@ -335,7 +336,7 @@ class _no_raise:
 
 
 def test_bench_configs_mix_presets_and_custom():
-    from treeffn.kernels.bench.problems import split_configs
+    from treeffn.bench.problems import split_configs
 
     assert split_configs("opt125m-K24-D6,custom:16,64,2,2,opt1.3b-K64-D6") == [
         "opt125m-K24-D6", "custom:16,64,2,2", "opt1.3b-K64-D6"]

@@ -13,7 +13,7 @@ import torch
 
 from treeffn.atomic import atomic_folder, atomic_open, remove_temporaries, storage_error, write_text_atomic
 from treeffn.cli.main import path_arguments
-from treeffn.cli.train import run_name
+from treeffn.config_files import run_name
 from treeffn.config import ConfigError, check_training_memory
 from treeffn.training.run_files import (MARKER, check_run_dir_is_ours, check_same_experiment, claim_run_dir,
                                         release_run_dir, start_metrics_part)

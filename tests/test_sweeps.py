@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from treeffn.cli.preflight import group_choices
+from treeffn.config_files import group_choices
 from treeffn.results import report as rp
 
 SWEEPS = group_choices("sweep")
@@ -245,7 +245,7 @@ def test_report_adds_reference_rows_and_qa_columns(tmp_path):
         write_run(depth.dir / rp.run_dir_name(job, depth), "finished", **finished(100.0 + int(v["tree.depth"]),
                                                                                depth=int(v["tree.depth"])))
     report = rp.write_report(rp.build_report("depth_opt125m_smoke", runs_root=str(runs)))
-    assert [rp.row_name(r) for r in report.rows][-1] == f"dense (from {SMOKE})"
+    assert [r.name for r in report.rows][-1] == f"dense (from {SMOKE})"
     assert report.rows[-1].stats["mean"] == pytest.approx(91.0) and report.rows[-1].stats["n"] == 3
     assert len(report.rows) == 3 * 2 + 1 and report.files["ppl_vs_depth"].exists()
 

@@ -141,7 +141,7 @@ def analyse_run(run_dir: Path, text: str = "validation", max_blocks: int = 64, o
     }
     out_dir = Path(out_dir) if out_dir else run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
-    from treeffn.results.record import write_json_atomic
+    from treeffn.atomic import write_json_atomic
 
     write_json_atomic(out_dir / "analysis.json", analysis)
     analysis["plots"] = make_plots(series, logged_curves(run_dir), out_dir)

@@ -24,7 +24,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from treeffn.results.record import RESULT_FILE, write_json_atomic
+from treeffn.atomic import write_json_atomic
+from treeffn.results.record import RESULT_FILE
 
 EVAL_FILE = "eval.json"
 EVAL_FORMAT = 1
@@ -133,7 +134,7 @@ def log_to_wandb(run_dir: Path | None, run_config: dict | None, record: dict) ->
     logger = run_config.get("logger") or {}
     if not id_file.is_file() or "wandb" not in (logger.get("names") or []):
         return None
-    from treeffn.training.train import wandb_mode
+    from treeffn.results.record import wandb_mode
 
     mode = wandb_mode(logger.get("mode", "auto"))
     if mode == "disabled":

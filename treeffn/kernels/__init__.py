@@ -3,7 +3,6 @@
 * ``tree_ffn_triton``: Triton kernels for CUDA (inference and training, with a custom
   autograd Function). Triton is optional: ``triton_available()`` says whether it imports.
 * ``tree_decode`` (triton_decode.py): the one-launch inference kernel for decode steps.
-* ``treeffn.kernels.bench``: the ``treeffn bench`` benchmark (a package).
 
 Nothing here is imported by ``treeffn.layers`` at module load; the layer asks for it lazily.
 """

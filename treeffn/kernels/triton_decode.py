@@ -38,8 +38,8 @@ import triton.language as tl
 # DECODE_MAX_TOKENS: the decode range (batch 1-64). The path-only work grows with the token count
 # while dense's weight read does not; above it the multi-launch kernels (gather / GEMM form) take over.
 from treeffn.kernels import DECODE_MAX_TOKENS
-from treeffn.kernels import triton_tree as tt
-from treeffn.kernels.triton_tree import ACT_IDS, _act, _p2, _warps
+from treeffn.kernels import triton_common as tc
+from treeffn.kernels.triton_common import ACT_IDS, _act, _p2, _warps
 
 
 # Tile choices can be overridden: CONFIG_OVERRIDES for every call (the bench's --tune sweep), or
@@ -222,8 +222,8 @@ def tree_decode(x, w_in, b_in, w_out, trees: int, depth: int, placement: str = "
         raise ValueError("w_in, w_out (and w_up) must be row-major with the same strides")
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = tt._empty(T, d, device=x.device, dtype=x.dtype)
-    node = tt._empty(T, trees, levels, device=x.device, dtype=torch.int64)
+    y = tc._empty(T, d, device=x.device, dtype=x.dtype)
+    node = tc._empty(T, trees, levels, device=x.device, dtype=torch.int64)
     if T == 0:
         return y, node
     acc_tl, acc_torch = (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)

@@ -32,17 +32,15 @@ Entries are laid out (T, K, L) row-major everywhere: flat index t*K*L + k*L + l.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from treeffn.activations import get_activation
 from treeffn.config import MAX_DEPTH, PLACEMENTS
-from treeffn.layers.activations import get_activation
+from treeffn.kernels import triton_common as tc
+from treeffn.kernels.triton_common import ACT_IDS, _act, _act_grad, _p2, _warps, interpreting
 
-# Activation names (treeffn.layers.activations) -> the constexpr id the kernels branch on.
-ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "tanh": 4, "identity": 5}
 WGRADS = ("auto", "sparse", "dense")
 MODES = ("auto", "gather", "dense", "decode")
 # mode="auto": the path-only kernels up to this many tokens, the GEMM form above (measured
@@ -56,60 +54,6 @@ SPARSE_WGRAD_MAX_TOKENS = 0
 
 # Tile choices can be overridden per kernel (the bench's --tune sweep uses this).
 CONFIG_OVERRIDES: dict[str, dict] = {}
-
-
-def _empty(*shape, **kwargs):
-    """Every output buffer comes from here, so tests can poison it (NaN) and catch unwritten elements."""
-    return torch.empty(*shape, **kwargs)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# --------------------------------------------------------------------------- activations
-@triton.jit
-def _tanh(u):
-    # tanh through exp: tl.math has no tanh on every backend (the interpreter included).
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-
-
-@triton.jit
-def _act(z, ACT: tl.constexpr):
-    if ACT == 0:  # exact (erf) GELU
-        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 1:  # tanh-approximated GELU
-        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACT == 2:
-        out = tl.where(z > 0, z, 0.0)
-    elif ACT == 3:
-        out = z / (1.0 + tl.exp(-z))
-    elif ACT == 4:
-        out = _tanh(z)
-    else:
-        out = z
-    return out
-
-
-@triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    if ACT == 0:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        out = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    elif ACT == 1:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif ACT == 2:
-        out = tl.where(z > 0, 1.0, 0.0)  # as torch: relu'(0) = 0
-    elif ACT == 3:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        out = s * (1.0 + z * (1.0 - s))
-    elif ACT == 4:
-        t = _tanh(z)
-        out = 1.0 - t * t
-    else:
-        out = tl.where(z == z, 1.0, 1.0)  # ones of z's shape
-    return out
 
 
 # --------------------------------------------------------------------------- kernels
@@ -333,15 +277,6 @@ def _grad_dense_kernel(
 
 
 # --------------------------------------------------------------------------- tile choices
-def _p2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _warps(elements: int) -> int:
-    # About 32 accumulator elements per thread.
-    return max(1, min(16, elements // 1024))
-
-
 def route_config(tokens: int, d: int, inference: bool) -> dict:
     """Tiles of _route_kernel (from the H200 sweep, `treeffn bench --tune`, OPT-1.3B width)."""
     if inference and tokens <= 8:
@@ -401,8 +336,8 @@ def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False):
     T, d = x.shape
     levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
     acc_tl, acc_torch = _acc_dtype(x.dtype)
-    z = _empty(T, trees, levels, device=x.device, dtype=acc_torch)
-    node = _empty(T, trees, levels, device=x.device, dtype=torch.int64)
+    z = tc._empty(T, trees, levels, device=x.device, dtype=acc_torch)
+    node = tc._empty(T, trees, levels, device=x.device, dtype=torch.int64)
     if T == 0:
         return z, node
     cfg = route_config(T, d, inference)
@@ -423,7 +358,7 @@ def combine(coef, node, w, depth: int, out_dtype, coef_act: bool, out_act: bool,
     """out (T, d) = sum over each token's path entries of f(coef) * w[row]."""
     T, trees, levels = node.shape
     d = w.shape[1]
-    out = _empty(T, d, device=w.device, dtype=out_dtype)
+    out = tc._empty(T, d, device=w.device, dtype=out_dtype)
     if T == 0:
         return out
     kl = trees * levels
@@ -443,7 +378,7 @@ def grad_coef(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
     """dL/dz (T, K, L): <gy[t], w_out[row]> (times act'(z) for placement node)."""
     T, trees, levels = node.shape
     d = w_out.shape[1]
-    gz = _empty(T, trees, levels, device=gy.device, dtype=z.dtype)
+    gz = tc._empty(T, trees, levels, device=gy.device, dtype=z.dtype)
     if T == 0:
         return gz
     acc_tl, _ = _acc_dtype(w_out.dtype)
@@ -473,8 +408,8 @@ def weight_grads_sparse(x, gy, z, gz, node, depth: int, coef_act: bool, act_id: 
     sorted_rows, perm = torch.sort(rows, stable=True)  # stable: a fixed summation order
     # ptr[r] = first entry of row r; searchsorted needs no host sync (bincount would).
     ptr = torch.searchsorted(sorted_rows, torch.arange(total_rows + 1, device=x.device))
-    dw_in = _empty(total_rows, d, device=x.device, dtype=x.dtype)
-    dw_out = _empty(total_rows, d, device=x.device, dtype=x.dtype)
+    dw_in = tc._empty(total_rows, d, device=x.device, dtype=x.dtype)
+    dw_out = tc._empty(total_rows, d, device=x.device, dtype=x.dtype)
     acc_tl, _ = _acc_dtype(x.dtype)
     cfg = wgrad_config(d)
     be, bd = cfg["BE"], cfg["BD"]
@@ -504,8 +439,8 @@ def route_dense(x, w_in, b_in, trees: int, depth: int, coef_act: bool, act_id: i
     levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
     acc_tl, acc_torch = _acc_dtype(x.dtype)
     coef = torch.nn.functional.linear(x, w_in, b_in)  # z of every node; overwritten in place
-    z = _empty(T, trees, levels, device=x.device, dtype=acc_torch)
-    node = _empty(T, trees, levels, device=x.device, dtype=torch.int64)
+    z = tc._empty(T, trees, levels, device=x.device, dtype=acc_torch)
+    node = tc._empty(T, trees, levels, device=x.device, dtype=torch.int64)
     if T:
         cfg = dense_config(n_nodes)
         _route_dense_kernel[(triton.cdiv(T, cfg["BT"]), trees)](
@@ -521,7 +456,7 @@ def grad_dense(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
     T, trees, levels = node.shape
     n_nodes = 2 ** (depth + 1) - 1
     g = gy @ w_out.t()  # dL/d(coefficient) of every node; overwritten in place
-    gz = _empty(T, trees, levels, device=gy.device, dtype=z.dtype)
+    gz = tc._empty(T, trees, levels, device=gy.device, dtype=z.dtype)
     if T:
         acc_tl, _ = _acc_dtype(gy.dtype)
         cfg = dense_config(n_nodes)
@@ -535,7 +470,7 @@ def grad_dense(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
 
 def pick_mode(mode: str, tokens: int, depth: int, needs_grad: bool = False) -> str:
     if mode == "auto":
-        from treeffn.kernels.triton_decode import DECODE_MAX_TOKENS
+        from treeffn.kernels import DECODE_MAX_TOKENS
 
         if not needs_grad and tokens <= DECODE_MAX_TOKENS:
             return "decode"  # inference at decode sizes: the one-launch kernel (triton_decode.py)

@@ -7,7 +7,7 @@
 """
 
 from treeffn.config import matched_trees
-from treeffn.layers.activations import ACTIVATIONS, get_activation
+from treeffn.activations import ACTIVATIONS, get_activation
 from treeffn.layers.dense_ffn import DenseFFN, GatedDenseFFN
 from treeffn.layers.gated_tree_ffn import GatedTreeFFN
 from treeffn.layers.leaf_ffn import LeafFFN, auxiliary_loss, routing_mode

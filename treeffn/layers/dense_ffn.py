@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from treeffn.layers.activations import get_activation
+from treeffn.activations import get_activation
 
 
 class DenseFFN(nn.Module):

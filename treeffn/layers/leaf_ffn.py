@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from treeffn.layers.activations import get_activation
+from treeffn.activations import get_activation
 from treeffn.layers.path_ops import row_dots, weighted_rows
 from treeffn.layers.routing import nodes_per_tree
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from treeffn.layers.activations import get_activation
+from treeffn.activations import get_activation
 from treeffn.layers.leaf_ffn import LeafFFN
 from treeffn.layers.path_ops import row_dots, weighted_rows
 from treeffn.layers.routing import nodes_per_tree

@@ -23,7 +23,7 @@ from torch import nn
 
 from treeffn import kernels
 from treeffn.config import IMPLS, PLACEMENTS
-from treeffn.layers.activations import get_activation
+from treeffn.activations import get_activation
 from treeffn.layers.path_ops import FULL_PRECISION, gather_chunk_tokens, row_dots, weighted_rows
 from treeffn.layers.routing import global_node_index, nodes_per_tree, route_from_logits
 

@@ -85,10 +85,24 @@ def get_ffn(family: Family, layer: nn.Module) -> nn.Module | None:
     return module
 
 
+def activation_name(module: nn.Module) -> str:
+    """Our name for a Hugging Face activation module (the inverse of HF_ACTIVATION)."""
+    from transformers import activations as hf
+
+    checks = [("gelu_tanh", ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation")),
+              ("gelu", ("GELUActivation", "GELU")), ("relu", ("ReLU",)), ("silu", ("SiLU", "SiLUActivation")),
+              ("tanh", ("Tanh",)), ("identity", ("LinearActivation", "Identity"))]
+    name = type(module).__name__
+    for ours, classes in checks:
+        if name in classes:
+            return ours
+    if isinstance(module, getattr(hf, "GELUActivation", ())):
+        return "gelu"
+    raise TypeError(f"the dense MLP uses activation {name}, which treeffn has no name for")
+
+
 def dense_of(family: Family, layer: nn.Module) -> nn.Module:
     """The layer's stock MLP as a DenseFFN / GatedDenseFFN that shares its parameters."""
-    from treeffn.models.swap import activation_name
-
     if family.name == "opt":
         return DenseFFN.from_linears(layer.fc1, layer.fc2, activation_name(layer.activation_fn), layer.activation_fn)
     mlp = layer.mlp

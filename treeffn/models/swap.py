@@ -55,18 +55,3 @@ def tree_layers(model: nn.Module) -> list[nn.Module]:
     ``trees`` and ``depth`` in the heap layout treeffn.analysis.routing reads."""
     return [m for m in model.modules() if isinstance(m, TREE_LAYER_TYPES)]
 
-
-def activation_name(module: nn.Module) -> str:
-    """Our name for a Hugging Face activation module (the inverse of families.HF_ACTIVATION)."""
-    from transformers import activations as hf
-
-    checks = [("gelu_tanh", ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation")),
-              ("gelu", ("GELUActivation", "GELU")), ("relu", ("ReLU",)), ("silu", ("SiLU", "SiLUActivation")),
-              ("tanh", ("Tanh",)), ("identity", ("LinearActivation", "Identity"))]
-    name = type(module).__name__
-    for ours, classes in checks:
-        if name in classes:
-            return ours
-    if isinstance(module, getattr(hf, "GELUActivation", ())):
-        return "gelu"
-    raise TypeError(f"the dense MLP uses activation {name}, which treeffn has no name for")

@@ -19,26 +19,24 @@ import matplotlib.ticker  # noqa: E402,F401
 
 
 def make_plots(report) -> dict[str, Path]:
-    from treeffn.results.report import row_name
-
     rows = [r for r in report.rows if r.stats.get("mean") is not None]
     files = {}
     if rows:
-        files["ppl_vs_active"] = plot_vs_active(report, rows, row_name, report.out_dir / "ppl_vs_active.png")
+        files["ppl_vs_active"] = plot_vs_active(report, rows, report.out_dir / "ppl_vs_active.png")
         if any(r.stats.get("depth") is not None for r in rows):
             files["ppl_vs_depth"] = plot_vs_depth(report, rows, report.out_dir / "ppl_vs_depth.png")
-    curves = {row_name(r): [read_metrics(p.run_dir) for p in r.points if p.run_dir.is_dir()] for r in report.rows}
+    curves = {r.name: [read_metrics(p.run_dir) for p in r.points if p.run_dir.is_dir()] for r in report.rows}
     if any(any(c) for c in curves.values()):
         files["curves"] = plot_curves(curves, report.out_dir / "curves.png", report.sweep.name)
     return files
 
 
-def plot_vs_active(report, rows, row_name, path: Path) -> Path:
+def plot_vs_active(report, rows, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for row in rows:
         s = row.stats
         x = 100 * (s["active_ffn_fraction"] or 1.0)
-        ax.errorbar([x], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o", capsize=3, label=row_name(row))
+        ax.errorbar([x], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o", capsize=3, label=row.name)
     ax.set_xscale("log")
     ax.set_xlabel("active FFN units per token (%)")
     ax.set_ylabel(f"{report.metric} (mean ± std over seeds)")

@@ -9,7 +9,6 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from treeffn.atomic import write_json_atomic, write_text_atomic  # noqa: F401  (their home before treeffn.atomic)
 
 RESULT_FILE = "result.json"
 FAILURE_FILE = "failure.json"  # the newest attempt's error, beside the last good result.json
@@ -54,3 +53,19 @@ def environment_snapshot() -> dict:
 def read_result(run_dir: Path) -> dict | None:
     path = Path(run_dir) / RESULT_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def wandb_mode(setting: str) -> str:
+    """logger.mode as W&B takes it: "auto" is online where W&B has credentials
+    (WANDB_MODE, WANDB_API_KEY or a ~/.netrc entry), offline elsewhere. Training and
+    ``treeffn eval`` (which adds its metrics to the run's W&B run) both read it here."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"

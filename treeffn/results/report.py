@@ -91,7 +91,7 @@ def compose_sweep(name: str, runs_root: str | None = None):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from treeffn.cli.preflight import group_choices
+    from treeffn.config_files import group_choices
 
     choices = group_choices("sweep")
     if name not in choices:
@@ -145,7 +145,7 @@ def run_dir_name(job: list[str], sweep: Sweep) -> str:
     override_dirname), then treeffn's file-name sanitizer (hydra.sweep.subdir)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from treeffn.cli.train import run_name
+    from treeffn.config_files import run_name
 
     kept = sorted(o.input_line for o in OverridesParser.create().parse_overrides(job)
                   if o.key_or_group not in sweep.exclude_keys)
@@ -180,6 +180,12 @@ class Row:
     points: list[Point]
     source: str | None = None      # the other sweep a reference row comes from
     stats: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The row's label in tables and plot legends."""
+        name = ", ".join(v for v in self.label.values() if v and v != "—") or "all"
+        return f"{name} (from {self.source})" if self.source else name
 
 
 def collect_points(sweep: Sweep) -> list[Point]:
@@ -384,11 +390,6 @@ def write_report(report: Report, plots: bool = True) -> Report:
 
 
 # ------------------------------------------------------------------------------ formats
-def row_name(row: Row) -> str:
-    name = ", ".join(v for v in row.label.values() if v and v != "—") or "all"
-    return f"{name} (from {row.source})" if row.source else name
-
-
 def _fmt(value: float | None, std: float | None = None, digits: int = 2, pm: str = " ± ") -> str:
     if value is None:
         return "—"

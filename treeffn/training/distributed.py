@@ -172,9 +172,9 @@ def rank_command(trainer) -> list[str] | None:
         return [sys.argv[0], *overrides]
     if spec is not None and spec.name == "treeffn.cli.main":  # python -m treeffn.cli.main train ...
         return [sys.argv[0], "train", *overrides]
-    from treeffn.cli import main as cli_main
-
-    if spec is None and getattr(__main__, "main", None) is cli_main.main:  # the `treeffn` console script
+    # The `treeffn` console script: its __main__ holds main from treeffn.cli.main (named, not
+    # imported: the library does not import the command line).
+    if spec is None and getattr(getattr(__main__, "main", None), "__module__", None) == "treeffn.cli.main":
         return [os.path.abspath(__main__.__file__), "train", *overrides]
     raise ConfigError(START_RANKS_HINT)
 

@@ -14,13 +14,12 @@ Run dir layout:
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 from treeffn.config import ConfigError, resolve_trees, validate_train_config
 from treeffn.atomic import atomic_folder, storage_error, write_json_atomic, write_text_atomic
-from treeffn.results.record import FAILURE_FILE, RESULT_FORMAT, environment_snapshot
+from treeffn.results.record import FAILURE_FILE, RESULT_FORMAT, environment_snapshot, wandb_mode
 from treeffn.training.run_files import (check_run_dir_is_ours, check_same_experiment,
                                        check_written_by_older_treeffn, finished_result, unusable_file)
 
@@ -88,19 +87,6 @@ def make_loggers(cfg: dict, run_dir: Path, resume_step: int, rank_zero: bool = T
     if "wandb" in names:
         loggers.append(make_wandb_logger(cfg, run_dir, rank_zero))
     return loggers
-
-
-def wandb_mode(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
 
 
 def make_wandb_logger(cfg: dict, run_dir: Path, rank_zero: bool = True):

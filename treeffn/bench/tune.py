@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from treeffn.kernels.bench.problems import DTYPES, make_tree, parse_preset, rel
-from treeffn.kernels.bench.timing import Timer
+from treeffn.bench.problems import DTYPES, make_tree, parse_preset, rel
+from treeffn.bench.timing import Timer
 
 TUNE_SPACE = {
     "route": [dict(SPEC=s, BT=bt, BD=bd) for s, bt, bd in

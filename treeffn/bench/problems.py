@@ -86,7 +86,7 @@ def dense_mlp(x, w1, b1, w2, b2):
 
 
 def make_tree(d, trees, depth, device, dtype, placement):
-    from treeffn import TreeFFN
+    from treeffn.layers import TreeFFN
 
     layer = TreeFFN(d, depth, trees, placement=placement, activation="gelu", bias=True).to(device)
     with torch.no_grad():  # routing depends on the signs of w_in.x + b: give the bias a spread too

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from treeffn.kernels.bench.problems import DTYPES, PATHS, PRESETS, TRITON_MODES, BenchInputError, parse_preset, split_configs
+from treeffn.bench.problems import DTYPES, PATHS, PRESETS, TRITON_MODES, BenchInputError, parse_preset, split_configs
 
 TOKENS_GPU = (1, 16, 128, 2048, 16384)
 TOKENS_CPU = (1, 16, 128)
@@ -141,25 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or Path("outputs") / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.tune:
-        from treeffn.kernels.bench.tune import run_tune
+        from treeffn.bench.tune import run_tune
 
         run_tune(args, out_dir)
         return 0
     if args.loss_curve:
-        from treeffn.kernels.bench.loss_curve import run_loss_curve
+        from treeffn.bench.loss_curve import run_loss_curve
 
         result = run_loss_curve(args)
         (out_dir / "loss_curve.json").write_text(json.dumps(result, indent=1))
         return 0
     if args.decode:
-        from treeffn.kernels.bench.decode import decode_markdown, run_decode_bench
+        from treeffn.bench.decode import decode_markdown, run_decode_bench
 
         result = run_decode_bench(args)
         write_record(out_dir, "decode", result, decode_markdown(result))
         return 0
     from treeffn.kernels import triton_available
-    from treeffn.kernels.bench.layer import run_layer_bench
-    from treeffn.kernels.bench.report import markdown
+    from treeffn.bench.layer import run_layer_bench
+    from treeffn.bench.report import markdown
 
     if not args.can_triton:
         print("# triton paths not run: " + ("Triton is not installed" if not triton_available()

@@ -14,12 +14,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = {
-    "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu,
-    "tanh": torch.tanh, "identity": lambda z: z,
-}
+from treeffn.activations import ACTIVATIONS
 
 
 def reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=None, path=None):
@@ -135,8 +131,8 @@ def training_parity(device, shapes: list[tuple[int, int, int, int]], seed: int =
 def path_parity(device, dtype, d: int, trees: int, depth: int, tokens: list[int], paths: list[str],
                 modes: tuple[str, ...] = ("fwd",), seed: int = 0) -> list[dict]:
     """``treeffn bench``'s check for each path, token count and mode (low precision: the dtype's tolerance)."""
-    from treeffn.kernels.bench.layer import _skip_reason
-    from treeffn.kernels.bench.problems import check_tree, make_tree
+    from treeffn.bench.layer import _skip_reason
+    from treeffn.bench.problems import check_tree, make_tree
 
     torch.manual_seed(seed)
     layer = make_tree(d, trees, depth, device, dtype, "node")

@@ -19,7 +19,7 @@ class TinyTreeLM(torch.nn.Module):
     comparison runs wherever the kernels run, without the training stack's dependencies."""
 
     def __init__(self, vocab, d, layers, heads, depth, trees, placement, impl):
-        from treeffn import TreeFFN
+        from treeffn.layers import TreeFFN
 
         super().__init__()
         self.heads = heads

@@ -14,6 +14,6 @@ Modules, in the order a run uses them:
 * ``loss_curve`` ``--loss-curve N``: masked vs Triton training of a small LM, same seed.
 """
 
-from treeffn.kernels.bench.cli import build_parser, main
+from treeffn.bench.cli import build_parser, main
 
 __all__ = ["build_parser", "main"]

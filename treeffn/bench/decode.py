@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from treeffn.kernels.bench.timing import sync
+from treeffn.bench.timing import sync
 
 OPT_VOCAB = 50272  # OPT's own vocabulary: the LM head as in the published models
 
@@ -174,8 +174,8 @@ def profile_step(loop, steps: int = 3, top: int = 25) -> dict:
 
 def run_decode_bench(args) -> dict:
     """The ``--decode`` mode: dense vs tree of one preset, batches, eager and graphed."""
-    from treeffn.kernels.bench.problems import DTYPES
-    from treeffn.kernels.bench.timing import environment
+    from treeffn.bench.problems import DTYPES
+    from treeffn.bench.timing import environment
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from treeffn.kernels.bench.problems import (
+from treeffn.bench.problems import (
     DTYPES,
     GATHER_FWDBWD_MAX_TOKENS,
     call_closure,
@@ -27,7 +27,7 @@ from treeffn.kernels.bench.problems import (
     parse_preset,
     tree_fn,
 )
-from treeffn.kernels.bench.timing import Timer, environment, measure_ceilings, rotation_copies, sync
+from treeffn.bench.timing import Timer, environment, measure_ceilings, rotation_copies, sync
 
 LOOP_ROUNDS = 5
 
