@@ -124,3 +124,26 @@ def test_a_hand_swapped_stock_model_saves_as_the_tree_class(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+
+
+STORED_TREE = {"family": "node", "depth": 3, "trees": 6, "placement": "node", "activation": "gelu", "bias": True,
+               "gated": False, "impl": "auto", "track_stats": True, "leaf_width": None, "hardening_weight": 0.0,
+               "pruned_kept": None}
+
+
+def test_the_saved_tree_entry_keeps_its_format(saved):
+    assert json.loads((saved / "opt_node" / "config.json").read_text())["tree"] == STORED_TREE
+
+
+def test_tree_spec_round_trips_what_config_json_stores():
+    from treeffn.models.tree_settings import TreeSpec
+
+    pruned = {**STORED_TREE, "pruned_kept": [5, 7]}
+    spec = TreeSpec.from_dict(pruned)
+    assert spec.pruned_kept == (5, 7) and hash(spec)  # frozen
+    assert spec.to_dict() == pruned
+    # an entry written before some keys existed loads with their defaults
+    older = {k: v for k, v in STORED_TREE.items() if k not in ("gated", "track_stats", "pruned_kept")}
+    assert TreeSpec.from_dict(older).to_dict() == STORED_TREE
+    with pytest.raises(ValueError, match="fanout"):
+        TreeSpec.from_dict({**STORED_TREE, "fanout": 3})

@@ -90,9 +90,9 @@ def test_training_and_inference_paths_agree_on_many_tokens():
 
 
 def test_gather_path_chunks_long_inputs(monkeypatch):
-    import treeffn.layers.tree_ffn as mod
+    import treeffn.layers.path_ops as mod
 
-    monkeypatch.setattr(mod, "_GATHER_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(mod, "GATHER_CHUNK_ELEMENTS", 64)
     layer = random_layer(8, 3, 2, "post_sum", "gelu", True)
     x = torch.randn(37, 8, dtype=torch.float64)
     torch.testing.assert_close(layer.forward_gather(x)[0], layer.forward_masked(x)[0], rtol=1e-12, atol=1e-12)

@@ -105,6 +105,7 @@ def prune_model(model: nn.Module, min_visits: int = 0) -> tuple[nn.Module, list[
     """A pruned copy of ``model`` (counted with ``count_visits`` first) and per-layer kept counts."""
     from treeffn.models.hf import as_tree_model
     from treeffn.models.swap import ffn_modules, replace_ffns
+    from treeffn.models.tree_settings import TreeSpec
 
     source = as_tree_model(model)
     pruned_layers, summary = [], []
@@ -117,7 +118,8 @@ def prune_model(model: nn.Module, min_visits: int = 0) -> tuple[nn.Module, list[
             summary.append({"kind": "nodes", "kept": small.kept, "total": layer.total_nodes})
     new = copy.deepcopy(source)
     replace_ffns(new, pruned_layers)
-    new.config.tree = {**new.config.tree, "pruned_kept": [s["kept"] for s in summary]}
+    kept = tuple(s["kept"] for s in summary)
+    new.config.tree = TreeSpec.from_dict(new.config.tree).replace(pruned_kept=kept).to_dict()
     return new.eval(), summary
 
 

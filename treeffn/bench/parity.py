@@ -1,7 +1,7 @@
 """Float64 parity of the tree FFN fast paths, as a function a device run calls before timing.
 
 ``decode_parity`` checks the one-launch decode kernel (triton_decode.py) on fresh random inputs
-against an independent float64 reference written here: outputs within ``tol`` and every routing
+against the float64 reference (treeffn/bench/reference.py): outputs within ``tol`` and every routing
 decision equal, over both placements, bias on/off, every activation, plain and gated trees, and
 the given tile choices and token counts. ``path_parity`` runs ``treeffn bench``'s check (outputs,
 gradients for training paths, routing decisions with near-tie allowance) for any path at a
@@ -16,36 +16,14 @@ import itertools
 import torch
 
 from treeffn.activations import ACTIVATIONS
+from treeffn.bench.reference import reference_tree
+from treeffn.config import nodes_per_tree
 
-
-def reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=None, path=None):
-    """Float64 tree layer through all node pre-activations and a 0/1 path mask: (y, path (T, K, D+1), z).
-
-    ``path`` given: that path is used instead of the descent (to compare gradients on the same path)."""
-    n_nodes = 2 ** (depth + 1) - 1
-    T = x.shape[0]
-    z = x @ w_in.T + (b_in if b_in is not None else 0)
-    if path is None:
-        zz = z.detach().view(T, trees, n_nodes)
-        node = torch.zeros(T, trees, 1, dtype=torch.long, device=x.device)
-        steps = [node]
-        for _ in range(depth):
-            node = 2 * node + 1 + (torch.gather(zz, 2, node) > 0).long()
-            steps.append(node)
-        path = torch.cat(steps, dim=2)
-    rows = (path + torch.arange(trees, device=x.device).view(1, -1, 1) * n_nodes).view(T, -1)
-    mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
-    act = ACTIVATIONS[activation]
-    if w_up is None:
-        y = (act(z) * mask) @ w_out if placement == "node" else act((z * mask) @ w_out)
-    else:
-        u = x @ w_up.T
-        y = (act(z) * u * mask) @ w_out if placement == "node" else act((z * mask) @ w_out) * ((u * mask) @ w_out)
-    return y, path, z
+__all__ = ["ACTIVATIONS", "decode_parity", "path_parity", "reference_tree", "training_parity"]
 
 
 def _params(T, d, trees, depth, bias, gated, device, gen):
-    n = trees * (2 ** (depth + 1) - 1)
+    n = trees * nodes_per_tree(depth)
     r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen).to(device)  # noqa: E731
     w_in = r(n, d) / d**0.5
     w_out = r(n, d) / (trees * (depth + 1)) ** 0.5

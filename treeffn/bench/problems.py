@@ -13,7 +13,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-# name -> (d_model, dense ffn_dim, trees K, depth D); K = floor(ffn / (2^(D+1)-1)) (DESIGN.md §2)
+from treeffn.bench.reference import reference_tree
+from treeffn.config import nodes_per_tree
+from treeffn.layers.routing import global_node_index
+
+# name -> (d_model, dense ffn_dim, trees K, depth D); K = floor(ffn / (2^(D+1)-1)) (docs/design.md)
 PRESETS = {
     "opt125m-K24-D6": (768, 3072, 24, 6),
     "opt125m-K12-D7": (768, 3072, 12, 7),
@@ -55,9 +59,9 @@ def parse_preset(name: str) -> tuple[int, int, int, int]:
         raise BenchInputError(f"config {name!r}: d, ffn and K must be at least 1")
     if not 0 <= depth <= 20:
         raise BenchInputError(f"config {name!r}: depth D must be 0..20")
-    if trees * (2 ** (depth + 1) - 1) * d > 1 << 31:
+    if trees * nodes_per_tree(depth) * d > 1 << 31:
         raise BenchInputError(f"config {name!r}: {trees} trees of depth {depth} at width {d} is "
-                              f"{trees * (2 ** (depth + 1) - 1) * d:,} weights per table; too large to build")
+                              f"{trees * nodes_per_tree(depth) * d:,} weights per table; too large to build")
     return d, ffn, trees, depth
 
 
@@ -110,21 +114,10 @@ def tree_fn(path: str, layer):
     raise BenchInputError(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
 
 
-def reference64(x, w_in, b_in, w_out, trees, depth, placement, path):
-    """Float64 tree FFN with the routing forced to ``path`` (checked separately), and all z."""
-    n_nodes = 2 ** (depth + 1) - 1
-    z = x @ w_in.T + b_in
-    T = x.shape[0]
-    rows = (path + torch.arange(trees, device=x.device).view(1, -1, 1) * n_nodes).view(T, -1)
-    mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
-    y = (F.gelu(z) * mask) @ w_out if placement == "node" else F.gelu((z * mask) @ w_out)
-    return y, z
-
-
 def routing_flips(path, z64, trees, depth) -> tuple[int, float]:
     """Decisions on ``path`` that disagree with float64 z, and the largest |z|/rms(z) among them."""
     T = path.shape[0]
-    zz = z64.view(T, trees, 2 ** (depth + 1) - 1)
+    zz = z64.view(T, trees, nodes_per_tree(depth))
     zp = torch.gather(zz, 2, path[:, :, :-1])
     went_right = (path[:, :, 1:] - 2 * path[:, :, :-1] - 1) == 1
     wrong = went_right != (zp > 0)
@@ -153,7 +146,7 @@ def check_tree(path_name, layer, T, mode, dtype, device) -> dict:
         grads = torch.autograd.grad(y, [xg, *params], gy)
     p64 = [t.detach().double().requires_grad_(mode != "fwd") for t in params]
     x64 = x.double().requires_grad_(mode != "fwd")
-    y64, z64 = reference64(x64, *p64, layer.trees, layer.depth, layer.placement, path)
+    y64, _, z64 = reference_tree(x64, *p64, layer.trees, layer.depth, layer.placement, layer.activation, path=path)
     out = {"y": rel(y, y64)}
     if mode != "fwd":
         refs = torch.autograd.grad(y64, [x64, *p64], gy.double())
@@ -162,8 +155,7 @@ def check_tree(path_name, layer, T, mode, dtype, device) -> dict:
     flips, worst = routing_flips(path, z64.detach(), layer.trees, layer.depth)
     tol = TOLERANCE[dtype]
     ok = all(v < tol and math.isfinite(v) for v in out.values()) and worst < 1e-2
-    n_nodes = 2 ** (layer.depth + 1) - 1
-    rows = (path + torch.arange(layer.trees, device=device).view(1, -1, 1) * n_nodes).unique().numel()
+    rows = global_node_index(path, layer.depth).unique().numel()
     return {"ok": ok, "rel_err": out, "routing_flips": flips, "flip_max_z_over_rms": worst, "distinct_rows": rows}
 
 
@@ -210,7 +202,7 @@ def cost(kind, d, ffn, trees, depth, T, mode, elt, distinct_rows=None) -> tuple[
         w_bytes = (2 * ffn * d + ffn + d) * elt
         flops = 4.0 * T * d * ffn
     else:
-        rows = distinct_rows if distinct_rows is not None else trees * (2 ** (depth + 1) - 1)
+        rows = distinct_rows if distinct_rows is not None else trees * nodes_per_tree(depth)
         w_bytes = rows * (2 * d + 1) * elt
         flops = 4.0 * T * d * trees * (depth + 1)
     act_bytes = 2 * T * d * elt

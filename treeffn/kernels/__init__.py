@@ -1,4 +1,4 @@
-"""Fast paths for the tree FFN (DESIGN.md §2, §4), each checked against ``treeffn.layers``.
+"""Fast paths for the tree FFN (docs/design.md), each checked against ``treeffn.layers``.
 
 * ``tree_ffn_triton``: Triton kernels for CUDA (inference and training, with a custom
   autograd Function). Triton is optional: ``triton_available()`` says whether it imports.
@@ -55,7 +55,7 @@ def auto_impl(x, training: bool) -> str:
     if x.is_cuda:
         if x.shape[0] <= AUTO_TRITON_MAX_TOKENS and triton_available():
             return "triton"
-        return "masked"  # the gather path is 50-100x slower than dense on a GPU (DESIGN.md §4)
+        return "masked"  # the gather path is 50-100x slower than dense on a GPU (docs/design.md, "Speed")
     if training:
         return "masked"
     return "gather" if x.shape[0] <= cpu_gather_max_tokens() else "masked"

@@ -1,7 +1,7 @@
 """One-launch tree FFN for decoding: every tree and every level of a layer in one Triton kernel.
 
 Inference only (no autograd), for a few tokens a call (decode steps: batch 1 to 64). For one
-token x the layer (DESIGN.md §2) is, per tree k, a walk of L = D+1 levels
+token x the layer (docs/design.md) is, per tree k, a walk of L = D+1 levels
 
     z_l = w_in[row_l] . x + b_in[row_l],   row_{l+1} = child of row_l (right iff z_l > 0)
     node:      y = sum_{k,l} act(z_l) * w_out[row_l]
@@ -37,6 +37,7 @@ import triton.language as tl
 
 # DECODE_MAX_TOKENS: the decode range (batch 1-64). The path-only work grows with the token count
 # while dense's weight read does not; above it the multi-launch kernels (gather / GEMM form) take over.
+from treeffn.config import nodes_per_tree
 from treeffn.kernels import DECODE_MAX_TOKENS
 from treeffn.kernels import triton_common as tc
 from treeffn.kernels.triton_common import ACT_IDS, _act, _p2, _warps
@@ -214,7 +215,7 @@ def tree_decode(x, w_in, b_in, w_out, trees: int, depth: int, placement: str = "
     if placement not in ("node", "post_sum"):
         raise ValueError(f"unknown placement {placement!r}; allowed: node, post_sum")
     T, d = x.shape
-    levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
+    levels, n_nodes = depth + 1, nodes_per_tree(depth)
     if w_in.shape != (trees * n_nodes, d) or w_out.shape != w_in.shape or (w_up is not None and w_up.shape != w_in.shape):
         raise ValueError(f"weights must be ({trees * n_nodes}, {d}) for {trees} trees of depth {depth}, got "
                          f"w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")

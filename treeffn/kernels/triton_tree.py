@@ -1,6 +1,6 @@
 """Triton kernels for the tree FFN, in two modes that compute the same function.
 
-The layer (DESIGN.md §2) for one token x, per tree k, walks D+1 levels (L = D+1 nodes):
+The layer (docs/design.md) for one token x, per tree k, walks D+1 levels (L = D+1 nodes):
 
     z_l = w_in[row_l] . x + b_in[row_l],   row_{l+1} = child of row_l (right iff z_l > 0)
     node:     y = sum_{k,l} act(z_l) * w_out[row_l]
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from treeffn.activations import get_activation
-from treeffn.config import MAX_DEPTH, PLACEMENTS
+from treeffn.config import MAX_DEPTH, PLACEMENTS, nodes_per_tree
 from treeffn.kernels import triton_common as tc
 from treeffn.kernels.triton_common import ACT_IDS, _act, _act_grad, _p2, _warps, interpreting
 
@@ -334,7 +334,7 @@ def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False):
     int64 so the path is returned as is: a conversion would be one more launch per decode step.
     """
     T, d = x.shape
-    levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
+    levels, n_nodes = depth + 1, nodes_per_tree(depth)
     acc_tl, acc_torch = _acc_dtype(x.dtype)
     z = tc._empty(T, trees, levels, device=x.device, dtype=acc_torch)
     node = tc._empty(T, trees, levels, device=x.device, dtype=torch.int64)
@@ -367,7 +367,7 @@ def combine(coef, node, w, depth: int, out_dtype, coef_act: bool, out_act: bool,
     bt, be, bd = cfg["BT"], cfg["BE"], cfg["BD"]
     grid = (triton.cdiv(T, bt), triton.cdiv(d, bd))
     _combine_kernel[grid](
-        coef, node, w, out, T, d, 2 ** (depth + 1) - 1, levels, kl, w.stride(0), out.stride(0),
+        coef, node, w, out, T, d, nodes_per_tree(depth), levels, kl, w.stride(0), out.stride(0),
         COEF_ACT=coef_act, OUT_ACT=out_act, ACT=act_id, ACC=acc_tl, BT=bt, BE=be, BD=bd,
         num_warps=cfg.get("num_warps", _warps(bt * be * bd)),
     )
@@ -386,7 +386,7 @@ def grad_coef(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
     cfg = gcoef_config(T, levels, d)
     bt, bd = cfg["BT"], cfg["BD"]
     _gcoef_kernel[(triton.cdiv(T, bt), trees)](
-        gy, z, node, w_out, gz, T, d, 2 ** (depth + 1) - 1, levels, gy.stride(0), w_out.stride(0),
+        gy, z, node, w_out, gz, T, d, nodes_per_tree(depth), levels, gy.stride(0), w_out.stride(0),
         ACT_GRAD=act_grad, ACT=act_id, ACC=acc_tl, BT=bt, LP=lp, BD=bd,
         num_warps=cfg.get("num_warps", _warps(bt * lp * bd)),
     )
@@ -396,7 +396,7 @@ def grad_coef(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
 def global_rows(node, depth: int):
     """(T, K, L) local nodes -> (T, K*L) int64 rows of the (K*N, d) tables."""
     T, trees, levels = node.shape
-    offsets = torch.arange(trees, device=node.device).view(1, trees, 1) * (2 ** (depth + 1) - 1)
+    offsets = torch.arange(trees, device=node.device).view(1, trees, 1) * nodes_per_tree(depth)
     return (node.long() + offsets).view(T, trees * levels)
 
 
@@ -436,7 +436,7 @@ def weight_grads_dense(x, gy, a, gz, node, depth: int, total_rows: int):
 def route_dense(x, w_in, b_in, trees: int, depth: int, coef_act: bool, act_id: int):
     """Dense mode forward, first half: (coefficient matrix (T, K*N) in x's dtype, z, node)."""
     T = x.shape[0]
-    levels, n_nodes = depth + 1, 2 ** (depth + 1) - 1
+    levels, n_nodes = depth + 1, nodes_per_tree(depth)
     acc_tl, acc_torch = _acc_dtype(x.dtype)
     coef = torch.nn.functional.linear(x, w_in, b_in)  # z of every node; overwritten in place
     z = tc._empty(T, trees, levels, device=x.device, dtype=acc_torch)
@@ -454,7 +454,7 @@ def route_dense(x, w_in, b_in, trees: int, depth: int, coef_act: bool, act_id: i
 def grad_dense(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
     """Dense mode backward: (dL/dz as a (T, K*N) matrix with zeros off the path, gz (T, K, L))."""
     T, trees, levels = node.shape
-    n_nodes = 2 ** (depth + 1) - 1
+    n_nodes = nodes_per_tree(depth)
     g = gy @ w_out.t()  # dL/d(coefficient) of every node; overwritten in place
     gz = tc._empty(T, trees, levels, device=gy.device, dtype=z.dtype)
     if T:
@@ -494,7 +494,7 @@ class TreeFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, depth, node_act, act_id, wgrad, mode):
-        trees = w_in.shape[0] // (2 ** (depth + 1) - 1)
+        trees = w_in.shape[0] // nodes_per_tree(depth)
         if mode == "dense":
             coef, z, node = route_dense(x, w_in, b_in, trees, depth, node_act, act_id)
             out = coef @ w_out
@@ -573,9 +573,9 @@ def tree_ffn_triton(x, w_in, b_in, w_out, trees: int, depth: int, placement: str
         raise ValueError(f"depth must be 0..{MAX_DEPTH}, got {depth}")
     if x.dim() != 2 or x.shape[1] != w_in.shape[1]:
         raise ValueError(f"x must be (tokens, {w_in.shape[1]}), got {tuple(x.shape)}")
-    if w_in.shape[0] != trees * (2 ** (depth + 1) - 1):
+    if w_in.shape[0] != trees * nodes_per_tree(depth):
         raise ValueError(f"w_in has {w_in.shape[0]} rows; {trees} trees of depth {depth} need "
-                         f"{trees * (2 ** (depth + 1) - 1)}")
+                         f"{trees * nodes_per_tree(depth)}")
     if not x.is_cuda and not interpreting():
         raise RuntimeError("tree.impl=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
     dtype = x.dtype

@@ -1,4 +1,4 @@
-"""The gated tree layer: the node family (DESIGN.md §2) for Llama-style gated MLPs.
+"""The gated tree layer: the node family (docs/design.md) for Llama-style gated MLPs.
 
 A Llama MLP is ``down(act(gate x) * up x)``: unit j has a gate row g_j, an up row u_j and an
 output column v_j. A *gated tree* keeps the tree of the node family and gives every node all
@@ -104,24 +104,12 @@ class GatedTreeFFN(TreeFFN):
 
     def _gather_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = x.shape[0]
-        offsets = torch.arange(self.trees, device=x.device) * self.nodes
-        local = torch.zeros(tokens, self.trees, dtype=torch.long, device=x.device)
-        rows, gates, ups = [], [], []
-        for _ in range(self.depth + 1):
-            row = local + offsets
-            z = row_dots(self.w_in, row, x)
-            if self.b_in is not None:
-                z = z + self.b_in[row]
-            rows.append(row)
-            gates.append(z)
-            ups.append(row_dots(self.w_up, row, x))
-            local = 2 * local + 1 + (z > 0).long()
-        rows_t = torch.stack(rows, dim=2).view(tokens, -1)
-        z_t = torch.stack(gates, dim=2).view(tokens, -1)
-        u_t = torch.stack(ups, dim=2).view(tokens, -1)
+        rows, z = self.walk(x)  # the gate routes; (T, K, D+1) each
+        ups = torch.stack([row_dots(self.w_up, rows[:, :, level], x) for level in range(self.depth + 1)], dim=2)
+        rows_t, z_t, u_t = rows.reshape(tokens, -1), z.reshape(tokens, -1), ups.reshape(tokens, -1)
         if self.placement == "node":
             y = weighted_rows(self.w_out, rows_t, self.act(z_t) * u_t)
         else:
             y = self.act(weighted_rows(self.w_out, rows_t, z_t)) * weighted_rows(self.w_out, rows_t, u_t)
-        return y.to(x.dtype), rows_t.view(tokens, self.trees, -1) - offsets.view(1, -1, 1)
-
+        offsets = torch.arange(self.trees, device=x.device).view(1, -1, 1) * self.nodes
+        return y.to(x.dtype), rows - offsets

@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from treeffn.activations import get_activation
-from treeffn.layers.path_ops import row_dots, weighted_rows
-from treeffn.layers.routing import nodes_per_tree
+from treeffn.layers.path_ops import gather_chunk_tokens, row_dots, weighted_rows
+from treeffn.layers.routing import descend, nodes_per_tree, route_from_logits
 
 ROUTING_MODES = ("auto", "soft", "hard")
-_GATHER_CHUNK_ELEMENTS = 1 << 24  # cap on (tokens * trees * leaf_width * d) in the hard path
 
 
 class LeafFFN(nn.Module):
@@ -181,41 +180,33 @@ class LeafFFN(nn.Module):
     @torch.no_grad()
     def _hard_leaves_from_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(T, K*R) logits of all routers -> (T, K) leaf index reached by hard descent."""
-        z = z.view(z.shape[0], self.trees, self.routers)
-        node = torch.zeros(z.shape[0], self.trees, 1, dtype=torch.long, device=z.device)
-        for _ in range(self.depth):
-            node = 2 * node + 1 + (torch.gather(z, 2, node) > 0).long()
-        return node.squeeze(2) - self.routers
+        return route_from_logits(z, self.trees, self.depth, self.routers)[:, :, -1] - self.routers
+
+    def _descend(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Hard descent of (T, d) tokens touching only the path routers: D+1 heap nodes per level
+        (the last one a leaf), D router logits."""
+        offsets = torch.arange(self.trees, device=x.device) * self.routers
+
+        def router_logits(node):
+            row = node + offsets
+            return row_dots(self.router_w, row, x) + self.router_b[row]
+
+        root = torch.zeros(x.shape[0], self.trees, dtype=torch.long, device=x.device)
+        return descend(root, self.depth, router_logits)
 
     def hard_leaves(self, x: torch.Tensor) -> torch.Tensor:
         """(T, d) -> (T, K) leaf reached by each token in each tree, touching only path routers."""
-        tokens = x.shape[0]
-        offsets = torch.arange(self.trees, device=x.device) * self.routers
-        node = torch.zeros(tokens, self.trees, dtype=torch.long, device=x.device)
-        for _ in range(self.depth):
-            row = node + offsets
-            z = row_dots(self.router_w, row, x) + self.router_b[row]
-            node = 2 * node + 1 + (z > 0).long()
-        return node - self.routers
+        return self._descend(x)[0][-1] - self.routers
 
     @torch.no_grad()
     def walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hard root-to-leaf walk of (T, d) tokens, in the node family's ``walk`` format:
         (global heap rows, routing logits), each (T, K, D+1). Leaves route nothing: their
         level's logit is NaN."""
-        offsets = torch.arange(self.trees, device=x.device) * self.routers
-        node = torch.zeros(x.shape[0], self.trees, dtype=torch.long, device=x.device)
-        rows, logits = [], []
-        for _ in range(self.depth):
-            row = node + offsets
-            z = row_dots(self.router_w, row, x) + self.router_b[row]
-            rows.append(node)
-            logits.append(z)
-            node = 2 * node + 1 + (z > 0).long()
-        rows.append(node)
-        logits.append(torch.full(node.shape, float("nan"), dtype=x.dtype, device=x.device))
+        nodes, logits = self._descend(x)
+        leaf_level = torch.full(nodes[-1].shape, float("nan"), dtype=x.dtype, device=x.device)
         heap_offsets = torch.arange(self.trees, device=x.device).view(1, -1, 1) * self.nodes
-        return torch.stack(rows, dim=2) + heap_offsets, torch.stack(logits, dim=2)
+        return torch.stack(nodes, dim=2) + heap_offsets, torch.stack([*logits, leaf_level], dim=2)
 
     def forward_hard(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference path: one leaf MLP per tree and token."""
@@ -225,7 +216,7 @@ class LeafFFN(nn.Module):
 
     def _run_leaves(self, x: torch.Tensor, slot: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """y[t] = sum_k leaf_{slot[t,k]}(x[t]) over entries where ``alive``; chunked over tokens."""
-        chunk = max(1, _GATHER_CHUNK_ELEMENTS // (self.trees * self.leaf_width * self.d_model))
+        chunk = gather_chunk_tokens(self.trees * self.leaf_width * self.d_model)
         if x.shape[0] <= chunk:
             return self._leaf_chunk(x, slot, alive)
         return torch.cat([self._leaf_chunk(a, b, c) for a, b, c in zip(x.split(chunk), slot.split(chunk),

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 FULL_PRECISION = (torch.float32, torch.float64)
+# The path-only forms gather rows for a chunk of tokens at a time; a chunk holds at most this
+# many gathered elements (every tree layer family chunks by it).
+GATHER_CHUNK_ELEMENTS = 1 << 24
 
 
 def row_dots(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +34,6 @@ def weighted_rows(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
     return torch.bmm(weights.float().unsqueeze(1), table[rows].float()).squeeze(1)
 
 
-def gather_chunk_tokens(budget_elements: int, per_token_elements: int) -> int:
-    """Tokens per chunk so that one chunk's gathered rows stay within ``budget_elements``."""
-    return max(1, budget_elements // max(1, per_token_elements))
+def gather_chunk_tokens(per_token_elements: int) -> int:
+    """Tokens per chunk so that one chunk's gathered rows stay within GATHER_CHUNK_ELEMENTS."""
+    return max(1, GATHER_CHUNK_ELEMENTS // max(1, per_token_elements))

@@ -18,11 +18,9 @@ from torch import nn
 
 from treeffn.activations import get_activation
 from treeffn.layers.leaf_ffn import LeafFFN
-from treeffn.layers.path_ops import row_dots, weighted_rows
-from treeffn.layers.routing import nodes_per_tree
+from treeffn.layers.path_ops import gather_chunk_tokens, row_dots, weighted_rows
+from treeffn.layers.routing import descend, nodes_per_tree
 from treeffn.layers.tree_ffn import TreeFFN
-
-_GATHER_CHUNK_ELEMENTS = 1 << 24
 
 
 class PrunedTreeFFN(nn.Module):
@@ -94,7 +92,7 @@ class PrunedTreeFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.d_model)
-        chunk = max(1, _GATHER_CHUNK_ELEMENTS // (self.trees * self.d_model))
+        chunk = gather_chunk_tokens(self.trees * self.d_model)
         parts = [self._walk(piece) for piece in flat.split(chunk)] if flat.shape[0] else [self._walk(flat)]
         y = torch.cat([p[0] for p in parts])
         if self.track_stats:
@@ -104,46 +102,42 @@ class PrunedTreeFFN(nn.Module):
                 self.node_visits.index_add_(0, heap.clamp_min(0), (heap >= 0).long())
         return y.view(shape)
 
+    def _descend(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Kept-node indices (-1 once a walk stepped into a removed subtree) and their logits per
+        level, D+1 each; a stopped walk reads row 0 (its logit is masked out by the callers)."""
+        def logits(node):
+            row = node.clamp_min(0)
+            z = row_dots(self.w_in, row, x)
+            return z + self.b_in[row] if self.b_in is not None else z
+
+        def child(node, go_right):
+            return torch.where(node >= 0, self.children_index[node.clamp_min(0), go_right.long()], -1)
+
+        root = self.roots.view(1, -1).expand(x.shape[0], -1)
+        return descend(root, self.depth, logits, child, leaf_logits=True)
+
+    def _heap_rows(self, nodes: list[torch.Tensor]) -> torch.Tensor:
+        """(T, K, D+1) rows in the full heap layout, -1 where the walk stopped."""
+        return torch.stack([torch.where(node >= 0, self.heap_index[node.clamp_min(0)], -1) for node in nodes], dim=2)
+
     @torch.no_grad()
     def walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(global heap rows, routing logits), each (T, K, D+1), as TreeFFN.walk; where a token's
         walk stopped in a removed subtree the row is -1 and the logit NaN."""
-        cur = self.roots.view(1, -1).expand(x.shape[0], -1)
-        rows, logits = [], []
-        for _ in range(self.depth + 1):
-            alive = cur >= 0
-            row = cur.clamp_min(0)
-            z = row_dots(self.w_in, row, x)
-            if self.b_in is not None:
-                z = z + self.b_in[row]
-            rows.append(torch.where(alive, self.heap_index[row], -1))
-            logits.append(torch.where(alive, z, float("nan")))
-            cur = torch.where(alive, self.children_index[row, (z > 0).long()], -1)
-        return torch.stack(rows, dim=2), torch.stack(logits, dim=2)
+        nodes, logits = self._descend(x)
+        alive = torch.stack([node >= 0 for node in nodes], dim=2)
+        return self._heap_rows(nodes), torch.where(alive, torch.stack(logits, dim=2), float("nan"))
 
     def _walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same operations, in the same order, as TreeFFN's gather path (so results match bit for bit)."""
         tokens = x.shape[0]
-        cur = self.roots.view(1, -1).expand(tokens, -1)
-        rows, gates, ups, heaps = [], [], [], []
-        for _ in range(self.depth + 1):
-            alive = cur >= 0
-            row = cur.clamp_min(0)
-            z = row_dots(self.w_in, row, x)
-            if self.b_in is not None:
-                z = z + self.b_in[row]
-            if self.gated:
-                ups.append(row_dots(self.w_up, row, x))
-            rows.append(row)
-            gates.append(z)
-            heaps.append(torch.where(alive, self.heap_index[row], -1))
-            nxt = self.children_index[row, (z > 0).long()]
-            cur = torch.where(alive, nxt, -1)
-        alive_t = (torch.stack(heaps, dim=2) >= 0).view(tokens, -1)
-        rows_t = torch.stack(rows, dim=2).view(tokens, -1)
-        z_t = torch.stack(gates, dim=2).view(tokens, -1)
+        nodes, logits = self._descend(x)
+        heaps = self._heap_rows(nodes)
+        alive_t = (heaps >= 0).view(tokens, -1)
+        rows_t = torch.stack([node.clamp_min(0) for node in nodes], dim=2).view(tokens, -1)
+        z_t = torch.stack(logits, dim=2).view(tokens, -1)
         if self.gated:
-            u_t = torch.stack(ups, dim=2).view(tokens, -1)
+            u_t = torch.stack([row_dots(self.w_up, node.clamp_min(0), x) for node in nodes], dim=2).view(tokens, -1)
             if self.placement == "node":
                 y = weighted_rows(self.w_out, rows_t, torch.where(alive_t, self.act(z_t) * u_t, 0.0))
             else:
@@ -156,7 +150,7 @@ class PrunedTreeFFN(nn.Module):
             y = weighted_rows(self.w_out, rows_t, weights)
             if self.placement == "post_sum":
                 y = self.act(y)
-        return y.to(x.dtype), torch.stack(heaps, dim=2)  # global heap rows, -1 where the walk stopped
+        return y.to(x.dtype), heaps  # global heap rows, -1 where the walk stopped
 
 
 class PrunedLeafFFN(LeafFFN):

@@ -2,31 +2,59 @@
 
 A tree of depth D has D+1 levels and N = 2^(D+1) - 1 nodes; node n's children are 2n+1 (left)
 and 2n+2 (right). A token goes right at a node iff the node's pre-activation z is > 0 (ties go
-left). Routing is a constant of the forward pass: nothing here carries a gradient.
+left). ``descend`` is that rule, the one copy every tree family and the float64 reference use.
+Routing is a constant of the forward pass: nothing here carries a gradient.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from treeffn.config import nodes_per_tree  # the one torch-free definition
 
 
+def heap_child(node: torch.Tensor, go_right: torch.Tensor) -> torch.Tensor:
+    """The left (2n+1) or right (2n+2) child of each heap node."""
+    return 2 * node + 1 + go_right.long()
+
+
+def descend(root: torch.Tensor, depth: int, logit_at: Callable[[torch.Tensor], torch.Tensor],
+            child: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = heap_child,
+            leaf_logits: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The walk from ``root`` down ``depth`` levels: at each node read its logit, then step to
+    the right child if it is > 0, else to the left one.
+
+    ``logit_at(nodes)`` gives the logits of a tensor of nodes (same shape); ``child(nodes,
+    go_right)`` the next nodes (heap arithmetic unless a pruned tree's table says otherwise).
+    Returns (nodes, logits) per level: depth + 1 node tensors, root first, and the logits read on
+    the way (depth of them; depth + 1 with ``leaf_logits``, for families whose last level
+    computes too). The logits keep their autograd graph; the choices are constants.
+    """
+    node, nodes, logits = root, [root], []
+    for _ in range(depth):
+        z = logit_at(node)
+        node = child(node, z > 0)
+        nodes.append(node)
+        logits.append(z)
+    if leaf_logits:
+        logits.append(logit_at(node))
+    return nodes, logits
+
+
 @torch.no_grad()
-def route_from_logits(z: torch.Tensor, trees: int, depth: int) -> torch.Tensor:
+def route_from_logits(z: torch.Tensor, trees: int, depth: int, routing_nodes: int | None = None) -> torch.Tensor:
     """Path of every token through every tree, from the pre-activations of all nodes.
 
-    z: (T, trees * N) pre-activations, tree-major. Returns (T, trees, depth + 1) int64 node
-    indices local to each tree (0 = root).
+    z: (T, trees * M) pre-activations, tree-major, of the first M heap nodes of each tree:
+    ``routing_nodes``, by default all N (the node family; the leaf family passes its 2^D - 1
+    routers). Returns (T, trees, depth + 1) int64 node indices local to each tree (0 = root).
     """
-    z = z.view(z.shape[0], trees, nodes_per_tree(depth))
-    node = torch.zeros(z.shape[0], trees, 1, dtype=torch.long, device=z.device)
-    path = [node]
-    for _ in range(depth):
-        go_right = (torch.gather(z, 2, node) > 0).long()
-        node = 2 * node + 1 + go_right
-        path.append(node)
-    return torch.cat(path, dim=2)
+    z = z.view(z.shape[0], trees, nodes_per_tree(depth) if routing_nodes is None else routing_nodes)
+    root = torch.zeros(z.shape[0], trees, 1, dtype=torch.long, device=z.device)
+    nodes, _ = descend(root, depth, lambda node: torch.gather(z, 2, node))
+    return torch.cat(nodes, dim=2)
 
 
 def global_node_index(path: torch.Tensor, depth: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The tree-structured feed-forward layer (DESIGN.md §2): one neuron per node, hard routing.
+"""The tree-structured feed-forward layer (docs/design.md): one neuron per node, hard routing.
 
 K trees of depth D, N = 2^(D+1) - 1 nodes each, heap order. Node n has an input row w_n, a
 bias b_n and an output row v_n. A token walks root to leaf (right iff w_n·x + b_n > 0) and
@@ -25,10 +25,7 @@ from treeffn import kernels
 from treeffn.config import IMPLS, PLACEMENTS
 from treeffn.activations import get_activation
 from treeffn.layers.path_ops import FULL_PRECISION, gather_chunk_tokens, row_dots, weighted_rows
-from treeffn.layers.routing import global_node_index, nodes_per_tree, route_from_logits
-
-# The gather path materialises (tokens, trees, d) per level; cap a chunk at this many elements.
-_GATHER_CHUNK_ELEMENTS = 1 << 24
+from treeffn.layers.routing import descend, global_node_index, nodes_per_tree, route_from_logits
 
 
 class TreeFFN(nn.Module):
@@ -150,7 +147,7 @@ class TreeFFN(nn.Module):
         per_token = self.trees * self.d_model
         if x.dtype not in FULL_PRECISION:  # the output rows are gathered too (path_ops.weighted_rows)
             per_token *= self.depth + 1
-        chunk = gather_chunk_tokens(_GATHER_CHUNK_ELEMENTS, per_token)
+        chunk = gather_chunk_tokens(per_token)  # (tokens, trees, d) gathered per level
         if x.shape[0] <= chunk:
             return self._gather_chunk(x)
         parts = [self._gather_chunk(piece) for piece in x.split(chunk)]
@@ -162,17 +159,14 @@ class TreeFFN(nn.Module):
         Differentiable in z; the rows (the routing) are constants. z is float32 for bf16/fp16 inputs.
         """
         offsets = torch.arange(self.trees, device=x.device) * self.nodes
-        local = torch.zeros(x.shape[0], self.trees, dtype=torch.long, device=x.device)
-        rows, logits = [], []
-        for _ in range(self.depth + 1):
-            row = local + offsets  # (T, K) global rows
-            z = row_dots(self.w_in, row, x)  # (T, K)
-            if self.b_in is not None:
-                z = z + self.b_in[row]
-            rows.append(row)
-            logits.append(z)
-            local = 2 * local + 1 + (z > 0).long()
-        return torch.stack(rows, dim=2), torch.stack(logits, dim=2)
+        root = torch.zeros(x.shape[0], self.trees, dtype=torch.long, device=x.device)
+        nodes, logits = descend(root, self.depth, lambda node: self._logits(x, node + offsets), leaf_logits=True)
+        return torch.stack([node + offsets for node in nodes], dim=2), torch.stack(logits, dim=2)
+
+    def _logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(T, K) pre-activations z of the nodes at global ``rows`` (T, K), from their rows only."""
+        z = row_dots(self.w_in, rows, x)
+        return z + self.b_in[rows] if self.b_in is not None else z
 
     def _gather_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = x.shape[0]

@@ -24,7 +24,7 @@ from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES, LeafFFN, PrunedL
 from treeffn.layers.dense_ffn import dense_units
 from treeffn.models.families import FAMILIES, config_widths, hf_config_kwargs
 from treeffn.models.swap import ffn_modules, model_family, swap_mlp, tree_layers
-from treeffn.models.tree_settings import make_tree_layer, tree_settings
+from treeffn.models.tree_settings import TreeSpec, make_tree_layer
 
 
 def opt_config(model_cfg: dict, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
@@ -37,7 +37,7 @@ def opt_config(model_cfg: dict, vocab_size: int, pad_id: int, bos_id: int, eos_i
 def make_tree_ffn(model_cfg: dict, tree_cfg: dict, init_std: float = 0.02) -> nn.Module:
     """One tree layer as configured (node or leaf family; gated when the model family is)."""
     family = FAMILIES[model_cfg.get("family", "opt")]
-    return make_tree_layer(tree_settings(model_cfg, tree_cfg, family.gated), model_cfg["hidden_size"], init_std)
+    return make_tree_layer(TreeSpec.from_config(model_cfg, tree_cfg, family.gated), model_cfg["hidden_size"], init_std)
 
 
 def build_model(model_cfg: dict, tree_cfg: dict, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
@@ -58,8 +58,8 @@ def build_model(model_cfg: dict, tree_cfg: dict, vocab_size: int, pad_id: int, b
     elif tree:
         from treeffn.models.hf import tree_config, TREE_CLASSES
 
-        settings = tree_settings(model_cfg, tree_cfg, family.gated)
-        config = tree_config(family_name, hf_config_kwargs(model_cfg, vocab_size, pad_id, bos_id, eos_id), settings)
+        spec = TreeSpec.from_config(model_cfg, tree_cfg, family.gated)
+        config = tree_config(family_name, hf_config_kwargs(model_cfg, vocab_size, pad_id, bos_id, eos_id), spec)
         model = TREE_CLASSES[family_name][2](config)
     else:
         config = family.load("config_class")(**hf_config_kwargs(model_cfg, vocab_size, pad_id, bos_id, eos_id))
@@ -97,12 +97,12 @@ def _from_checkpoint(model_cfg: dict, tree_cfg: dict, vocab_size: int, pretraine
         return dense
     # Checkpoint widths are the truth for the tree's parameter matching too.
     model_cfg = {**model_cfg, "ffn_dim": widths["ffn_dim"]}
-    settings = tree_settings(model_cfg, tree_cfg, family.gated)
+    spec = TreeSpec.from_config(model_cfg, tree_cfg, family.gated)
     from treeffn.models.hf import TREE_CLASSES
 
     tree_cls_config, tree_cls = TREE_CLASSES[family_name][1], TREE_CLASSES[family_name][2]
     config = tree_cls_config.from_dict({**dense_config.to_dict(), "model_type": tree_cls_config.model_type,
-                                        "tree": settings})
+                                        "tree": spec.to_dict()})
     model = tree_cls(config)
     dense_state = dense.state_dict()
     tree_state = model.state_dict()

@@ -35,21 +35,21 @@ from treeffn.models.hf_config import (
     register_configs,
 )
 from treeffn.models.swap import ffn_modules, swap_mlp
-from treeffn.models.tree_settings import make_pruned_layer, make_tree_layer, settings_from_layer
+from treeffn.models.tree_settings import TreeSpec, make_pruned_layer, make_tree_layer
 
 
 def install_tree_layers(model: nn.Module, config) -> None:
     """Swap every MLP of a freshly built stock model for the tree layers ``config.tree`` describes."""
-    settings = config.tree
-    if not settings:
+    if not config.tree:
         raise ValueError(f"{type(config).__name__} has no tree settings; save dense models as their stock family")
+    spec = TreeSpec.from_dict(config.tree)
     d_model, std = config.hidden_size, init_std_of(config)
-    kept = settings.get("pruned_kept")
+    kept = spec.pruned_kept
     if kept:
         counter = itertools.count()
-        swap_mlp(model, lambda dense: make_pruned_layer(settings, d_model, kept[next(counter)]))
+        swap_mlp(model, lambda dense: make_pruned_layer(spec, d_model, kept[next(counter)]))
     else:
-        swap_mlp(model, lambda dense: make_tree_layer(settings, d_model, std))
+        swap_mlp(model, lambda dense: make_tree_layer(spec, d_model, std))
 
 
 class TreeOPTForCausalLM(OPTForCausalLM):
@@ -93,9 +93,9 @@ register()
 
 
 # ------------------------------------------------------------------------------ building
-def tree_config(family: str, stock_kwargs: dict, settings: dict):
-    """The tree config of ``family`` from stock config keyword arguments plus tree settings."""
-    return TREE_CLASSES[family][1](**stock_kwargs, tree=settings)
+def tree_config(family: str, stock_kwargs: dict, spec: TreeSpec):
+    """The tree config of ``family`` from stock config keyword arguments plus the tree spec."""
+    return TREE_CLASSES[family][1](**stock_kwargs, tree=spec.to_dict())
 
 
 def is_tree_model(model: nn.Module) -> bool:
@@ -111,11 +111,12 @@ def as_tree_model(model: nn.Module) -> nn.Module:
     ffns = [get_ffn(family, layer) for layer in layers]
     if not all(isinstance(m, TREE_LAYER_TYPES) for m in ffns):
         raise ValueError("as_tree_model needs every decoder layer's FFN to be a tree layer")
-    settings = settings_from_layer(ffns[0])
-    if settings["pruned_kept"] is not None:
-        settings["pruned_kept"] = [_kept_count(m) for m in ffns]
+    spec = TreeSpec.from_layer(ffns[0])
+    if spec.pruned_kept is not None:
+        spec = spec.replace(pruned_kept=tuple(_kept_count(m) for m in ffns))
     config_cls = TREE_CLASSES[family.name][1]
-    config = config_cls.from_dict({**model.config.to_dict(), "model_type": config_cls.model_type, "tree": settings})
+    config = config_cls.from_dict({**model.config.to_dict(), "model_type": config_cls.model_type,
+                                   "tree": spec.to_dict()})
     new = TREE_CLASSES[family.name][2](config)
     new.load_state_dict(model.state_dict(), strict=True)
     return new.train(model.training)
@@ -156,8 +157,9 @@ def save_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     if ffns and all(isinstance(m, TREE_LAYER_TYPES) for m in ffns):
         to_save = as_tree_model(model)
         # impl=triton only runs on CUDA; the saved model says auto (which picks Triton there anyway).
-        if to_save.config.tree.get("impl") == "triton":
-            to_save.config.tree = {**to_save.config.tree, "impl": "auto"}
+        spec = TreeSpec.from_dict(to_save.config.tree)
+        if spec.impl == "triton":
+            to_save.config.tree = spec.replace(impl="auto").to_dict()
         to_save.save_pretrained(out)
     elif all(isinstance(m, DENSE_LAYER_TYPES) for m in ffns):  # a swapped dense model, or a stock one
         model.save_pretrained(out, state_dict=stock_state_dict(model) if ffns else None)
