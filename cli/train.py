@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from treeffn.config_files import run_name  # also this module's name (tests, older callers)
+from treeffn.config_files import gpu_of_job, run_name  # run_name: also this module's name (tests, older callers)
 
 
 EXIT_BAD_INPUT = 2  # bad input or storage that refuses writes; one line names it; nothing is lost
@@ -17,6 +17,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) stopped training after a checkpoint (1
 
 if not OmegaConf.has_resolver("treeffn_run_name"):
     OmegaConf.register_new_resolver("treeffn_run_name", run_name)
+if not OmegaConf.has_resolver("treeffn_gpu_of_job"):
+    OmegaConf.register_new_resolver("treeffn_gpu_of_job", lambda: gpu_of_job())
 
 
 @hydra.main(config_path="pkg://treeffn.conf", config_name="config", version_base="1.3")

@@ -8,7 +8,8 @@ import torch
 
 from tests.conftest import run_cli
 from treeffn import TreeFFN
-from treeffn.analysis.routing import LevelLogits, layer_summary, normalized_leaf_entropy, right_fraction, verdict
+from treeffn.analysis.routing import (layer_summary, level_logit_means, normalized_leaf_entropy, right_fraction, trend,
+                                      verdict)
 
 TOKENS = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [2.0, -3.0], [3.0, -1.0]], dtype=torch.float64)
 
@@ -25,12 +26,12 @@ def hand_built_tree():
     return layer.eval()
 
 
-def test_visits_entropy_dead_nodes_and_logits_are_exact():
-    layer = hand_built_tree()
+@pytest.mark.parametrize("mode", ["eval", "train"])  # the gather path and the masked training path
+def test_visits_entropy_dead_nodes_and_logits_are_exact(mode):
+    layer = hand_built_tree().train(mode == "train")
     layer.node_visits.zero_()
-    hook = LevelLogits(layer)
+    layer.level_logits.zero_()
     layer(TOKENS)
-    hook.remove()
     # Routes: (1,1) 0→2→5; (-1,1) 0→1→4; (-1,-1) 0→1→3; (2,-3) 0→2→6; (3,-1) 0→2→6.
     assert layer.node_visits.tolist() == [5, 2, 3, 1, 1, 1, 2]
     expected_entropy = -(3 * 0.2 * math.log(0.2) + 0.4 * math.log(0.4)) / math.log(4)
@@ -38,8 +39,18 @@ def test_visits_entropy_dead_nodes_and_logits_are_exact():
     assert right_fraction(layer.node_visits, 1, 2)[0].tolist() == pytest.approx([3 / 5, 1 / 2, 2 / 3])
     summary = layer_summary(layer.node_visits, 1, 2)
     assert summary["dead_frac"] == 0 and summary["leaves_used"] == 4
+    # Right shares per level, token-weighted: the root sends 3 of 5 right; level 1 sends 1 of 2
+    # (node 1) + 2 of 3 (node 2) = 3 of 5.
+    assert summary["right_share_per_level"] == pytest.approx([3 / 5, 3 / 5])
+    assert summary["root_right_share"] == pytest.approx(3 / 5)
     # level 0 sees x0; level 1 sees x1 (left child) or -x1 (right child); leaves have zero weights.
-    assert hook.means() == pytest.approx([0.8, 0.6, 0.0])
+    assert level_logit_means(layer.level_logits) == pytest.approx([0.8, 0.6, 0.0])
+
+
+def test_verdicts_relative_to_the_initialisation():
+    assert trend(0.71, 0.80) == "spreading" and trend(0.71, 0.60) == "concentrating"
+    assert trend(0.71, 0.72) == "unchanged" and trend(0.71, 0.2) == "collapsed"
+    assert trend(float("nan"), 0.5) == "unvisited"
 
 
 def test_dead_nodes_and_a_single_static_path():
@@ -62,18 +73,49 @@ def test_analyze_a_tree_run_and_refuse_a_dense_one(tmp_path, cache_dir):
                    "tree.stats_every_n_steps=5"), tree_run)
     out = run_cli(["analyze", f"run={tree_run}", "max_blocks=8"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "layer 0:" in out.stdout and "verdicts: balanced if normalized leaf entropy >= 0.75" in out.stdout
+    assert "layer 0:" in out.stdout and "of 256 tokens" in out.stdout and "at step 0" in out.stdout
     analysis = json.loads((tree_run / "analysis" / "analysis.json").read_text())
     assert [c["step"] for c in analysis["checkpoints"]] == [0, 5, 10, 15, 20]  # step 0: the initial weights
-    assert analysis["tokens"] == 8 * 32
-    for name in ("entropy_dead_nodes.png", "path_usage_layer0.png", "routing_logit_drift.png"):
+    assert analysis["tokens"] == 8 * 32 and analysis["initial_step"] == 0
+    assert all(layer["trend"] in ("spreading", "concentrating", "unchanged", "collapsed")
+               for layer in analysis["final"])
+    for name in ("entropy_dead_nodes.png", "path_usage_layer0.png", "routing_logit_drift.png",
+                 "routing_over_training.png"):
         assert (tree_run / "analysis" / name).stat().st_size > 1000
     import csv
 
     rows = list(csv.DictReader(open(tree_run / "logs" / "csv" / "metrics.csv")))
-    assert any(r.get("tree/layer0/static_sparsity") for r in rows)
-    assert any(r.get("tree/layer0/logit_level0") for r in rows)
+    # Every training window (every 5 steps) is in the log, whatever log_every_n_steps is.
+    window_steps = [int(r["step"]) for r in rows if r.get("tree/mean/static_sparsity")]
+    assert window_steps == [5, 10, 15, 20]
+    for key in ("tree/layer0/static_sparsity", "tree/layer0/train_right_level0", "tree/layer0/train_logit_level3",
+                "tree/layer0/logit_level0", "tree/layer0/right_level2", "tree/mean/root_right_share"):
+        assert any(r.get(key) for r in rows), key
 
     train(make_cfg(cache_dir, "tree=dense", "trainer.max_steps=5"), dense_run)
     out = run_cli(["analyze", f"run={dense_run}"], cwd=tmp_path)
     assert out.returncode == 0 and "nothing to analyse" in out.stdout and "dense model" in out.stdout
+
+
+@pytest.mark.slow
+def test_analyze_on_the_whole_split_reproduces_the_training_validation(tmp_path, cache_dir):
+    """Without keep_all a tree run still keeps its initial weights; analysing the final weights on
+    the whole validation split gives the statistics the run's last validation recorded."""
+    from tests.test_training import make_cfg
+    from treeffn.analysis.analyze import analyse_run, held_out_blocks
+    from treeffn.models.load import read_run_config
+    from treeffn.training.train import train
+
+    run = tmp_path / "run"
+    result = train(make_cfg(cache_dir, "tree.depth=3", "trainer.max_steps=10", "tree.placement=post_sum",
+                            "trainer.limit_val_batches=1.0"), run)
+    assert (run / "checkpoints" / "step0000000.ckpt").is_file()
+    analysis = analyse_run(run, max_blocks=None)
+    check = analysis["against_training"]
+    assert check is not None and check["tokens"] == result["routing"]["tokens"]
+    for key in ("dead_frac", "leaf_entropy", "root_right_share"):
+        assert check[f"max_abs_diff_{key}"] < 1e-12, (key, check)
+    # A seeded sample spread over the split: the same blocks for the same seed, others for another.
+    cfg = read_run_config(run)
+    a, b, c = (held_out_blocks(cfg, "validation", 4, seed) for seed in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)

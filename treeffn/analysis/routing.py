@@ -2,7 +2,7 @@
 
 Everything derives from ``node_visits`` (trees * N counts, tree-major, heap order): leaf usage
 is the last level's counts, and a node's right-going fraction is visits(2n+2) / visits(n).
-Per-level mean routing logits come from the path pre-activations (``TreeFFN.walk``).
+Per-level mean routing logits come from the layer's ``level_logits`` sums.
 """
 
 from __future__ import annotations
@@ -70,6 +70,20 @@ def right_fraction(visits: torch.Tensor, trees: int, depth: int) -> torch.Tensor
     return torch.where(parent > 0, right / parent.clamp_min(1), torch.full_like(parent, float("nan")))
 
 
+def right_share_per_level(visits: torch.Tensor, trees: int, depth: int) -> list[float]:
+    """Per level 0..depth-1: the share of the tokens arriving at that level (all trees) that went
+    right. 0.5 = the level splits its tokens evenly; a drift away from 0.5 at the root is the
+    first sign of a tree settling on a few paths."""
+    v = visits.view(trees, nodes_per_tree(depth)).double()
+    out = []
+    for level in range(depth):
+        first, last = 2**level - 1, 2 ** (level + 1) - 1  # the level's nodes, heap order
+        arrived = v[:, first:last].sum()
+        right = v[:, 2 * first + 2:2 * last + 1:2].sum()  # right children 2n+2 of n in [first, last)
+        out.append(float(right / arrived) if arrived > 0 else float("nan"))
+    return out
+
+
 def dead_fraction(visits: torch.Tensor) -> float:
     """Share of nodes that no token visited (with hard routing, also the share of the layer's
     parameters that got no gradient from those tokens: static sparsity)."""
@@ -77,6 +91,7 @@ def dead_fraction(visits: torch.Tensor) -> float:
 
 
 def verdict(leaf_entropy: float) -> str:
+    """Absolute verdict on one layer's normalized leaf entropy (thresholds above)."""
     if math.isnan(leaf_entropy):
         return "unvisited"
     if leaf_entropy >= BALANCED_AT_LEAST:
@@ -86,41 +101,59 @@ def verdict(leaf_entropy: float) -> str:
     return "collapsing"
 
 
+# Change of normalized leaf entropy since initialisation that counts as a trend. A random
+# initialisation already routes unevenly (OPT-125M shape, depth 6: ~0.71), so the absolute
+# thresholds above say more about the initialisation than about training.
+TREND_AT_LEAST = 0.02
+
+
+def trend(initial_entropy: float, final_entropy: float) -> str:
+    """Verdict relative to the model's own initialisation: ``collapsed`` (below the absolute
+    floor), else ``concentrating`` / ``spreading`` when the leaf entropy fell / rose by at least
+    TREND_AT_LEAST, else ``unchanged``."""
+    if math.isnan(initial_entropy) or math.isnan(final_entropy):
+        return "unvisited"
+    if final_entropy < COLLAPSED_BELOW:
+        return "collapsed"
+    change = final_entropy - initial_entropy
+    if change <= -TREND_AT_LEAST:
+        return "concentrating"
+    if change >= TREND_AT_LEAST:
+        return "spreading"
+    return "unchanged"
+
+
+def level_logit_means(level_logits: torch.Tensor) -> list[float]:
+    """Mean routing logit per level from a layer's ``level_logits`` ([sums, counts]); NaN where
+    nothing was summed (the Triton paths and pruned or leaf-family layers do not sum logits)."""
+    sums, counts = level_logits.double().cpu()
+    return torch.where(counts > 0, sums / counts.clamp_min(1), float("nan")).tolist()
+
+
 def layer_summary(visits: torch.Tensor, trees: int, depth: int) -> dict:
     ent = normalized_leaf_entropy(visits, trees, depth)
     leaves = leaf_counts(visits, trees, depth)
     right = right_fraction(visits, trees, depth)
+    per_level = right_share_per_level(visits, trees, depth)
     return {
         "dead_frac": dead_fraction(visits),
         "leaf_entropy": float(ent.nanmean()) if not torch.isnan(ent).all() else float("nan"),
         "leaves_used": float((leaves > 0).double().sum(dim=1).mean()),
         "right_frac": float(right.nanmean()) if right.numel() and not torch.isnan(right).all() else float("nan"),
+        "right_share_per_level": per_level,
+        "root_right_share": per_level[0] if per_level else float("nan"),
     }
 
 
-class LevelLogits:
-    """Accumulates the mean routing logit per level of one tree layer over forward passes
-    (a forward hook; attach for a validation pass, then detach)."""
+def mean_over_layers(per_layer: list[dict]) -> dict:
+    """Means over layers of the scalar statistics and, level by level, of the per-level lists."""
+    def mean(values):
+        values = [v for v in values if not math.isnan(v)]
+        return sum(values) / len(values) if values else float("nan")
 
-    def __init__(self, layer):
-        self.layer = layer
-        self.sums = torch.zeros(layer.depth + 1, dtype=torch.float64)
-        # Per level: a leaf-family layer has no logit at its leaf level, a pruned one none where a
-        # walk stopped in a removed subtree; both come back as NaN and are not counted.
-        self.counts = torch.zeros(layer.depth + 1, dtype=torch.float64)
-        self.handle = layer.register_forward_hook(self._hook)
-
-    @torch.no_grad()
-    def _hook(self, module, inputs, output):
-        x = inputs[0].reshape(-1, module.d_model)
-        for piece in x.split(4096):
-            _, z = module.walk(piece.to(next(module.parameters()).dtype))
-            z = z.double()
-            self.sums += z.nansum(dim=(0, 1)).cpu()
-            self.counts += (~torch.isnan(z)).sum(dim=(0, 1)).cpu()
-
-    def means(self) -> list[float]:
-        return torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), float("nan")).tolist()
-
-    def remove(self) -> None:
-        self.handle.remove()
+    out = {k: mean([s[k] for s in per_layer]) for k in ("dead_frac", "leaf_entropy", "leaves_used", "right_frac",
+                                                         "root_right_share")}
+    for key in ("right_share_per_level", "logit_per_level"):
+        levels = max((len(s[key]) for s in per_layer), default=0)
+        out[key] = [mean([s[key][j] for s in per_layer if j < len(s[key])]) for j in range(levels)]
+    return out

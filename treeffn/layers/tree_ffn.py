@@ -32,8 +32,10 @@ class TreeFFN(nn.Module):
     """Tree feed-forward layer mapping (..., d_model) -> (..., d_model).
 
     ``.train()`` uses the masked training path, ``.eval()`` the gather inference path (unless
-    ``impl`` forces one). ``node_visits`` counts how often each node was on a token's path
-    while ``track_stats`` is on; the routing-statistics code reads and resets it.
+    ``impl`` forces one). While ``track_stats`` is on, ``node_visits`` counts how often each node
+    was on a token's path, and ``level_logits`` holds per level [sum, count] of the routing
+    logits on the paths (the masked and gather paths compute them anyway; the Triton paths
+    count visits only). The routing-statistics code reads and resets both.
     """
 
     def __init__(
@@ -65,6 +67,8 @@ class TreeFFN(nn.Module):
         self.b_in = nn.Parameter(torch.empty(total)) if bias else None
         self.w_out = nn.Parameter(torch.empty(total, d_model))
         self.register_buffer("node_visits", torch.zeros(total, dtype=torch.long))
+        # Not saved in checkpoints: a window's logit means restart after a resume.
+        self.register_buffer("level_logits", torch.zeros(2, depth + 1, dtype=torch.float64), persistent=False)
         self.track_stats = True
         self.reset_parameters(init_std)
 
@@ -138,6 +142,8 @@ class TreeFFN(nn.Module):
         path = route_from_logits(z.detach(), self.trees, self.depth)
         rows = global_node_index(path, self.depth).view(x.shape[0], -1)
         mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
+        if self.track_stats:
+            self._sum_level_logits(z.detach().gather(1, rows).view(path.shape))
         if self.placement == "node":
             return (self.act(z) * mask) @ self.w_out, path
         return self.act((z * mask) @ self.w_out), path
@@ -171,6 +177,8 @@ class TreeFFN(nn.Module):
     def _gather_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = x.shape[0]
         rows, z = self.walk(x)
+        if self.track_stats:
+            self._sum_level_logits(z.detach())
         weights = self.act(z) if self.placement == "node" else z
         # y[t] = sum_{k,l} weights[t,k,l] * w_out[rows[t,k,l]]
         y = weighted_rows(self.w_out, rows.view(tokens, -1), weights.reshape(tokens, -1))
@@ -179,6 +187,12 @@ class TreeFFN(nn.Module):
         y = y.to(x.dtype)
         offsets = torch.arange(self.trees, device=x.device).view(1, -1, 1) * self.nodes
         return y, rows - offsets
+
+    @torch.no_grad()
+    def _sum_level_logits(self, z_path: torch.Tensor) -> None:
+        """Add (T, K, D+1) path logits to the per-level sums and counts (on the device, no sync)."""
+        self.level_logits[0] += z_path.float().sum(dim=(0, 1)).double()
+        self.level_logits[1] += z_path.shape[0] * z_path.shape[1]
 
     @torch.no_grad()
     def _count_visits(self, path: torch.Tensor) -> None:

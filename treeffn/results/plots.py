@@ -4,6 +4,9 @@
     ppl_vs_depth.png    the metric vs tree depth, one line per other factor (dense as a level line)
     curves.png          training loss and validation perplexity vs step, one colour per row
                         (mean over seeds; each seed faint)
+    routing.png         tree rows: static sparsity of the training windows, the root's right-going
+                        share and mean routing logit vs step (means over layers; the band is
+                        mean ± std over seeds)
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ def make_plots(report) -> dict[str, Path]:
     curves = {r.name: [read_metrics(p.run_dir) for p in r.points if p.run_dir.is_dir()] for r in report.rows}
     if any(any(c) for c in curves.values()):
         files["curves"] = plot_curves(curves, report.out_dir / "curves.png", report.sweep.name)
+    routing = {name: runs for name, runs in curves.items() if any(r.get(ROUTING_PANELS[0][0]) for r in runs)}
+    if routing:
+        files["routing"] = plot_routing(routing, report.out_dir / "routing.png", report.sweep.name)
     return files
 
 
@@ -124,6 +130,43 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"{title}: training curves (mean over seeds; seeds faint)")
+    return _save(fig, path)
+
+
+ROUTING_PANELS = [("tree/mean/static_sparsity", "static sparsity (nodes no training token reached)"),
+                  ("tree/mean/train_right_level0", "share of tokens the root sends right"),
+                  ("tree/mean/train_logit_level0", "mean routing logit at the root")]
+
+
+def plot_routing(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Training-window routing statistics per row: mean over seeds, mean ± std as a band."""
+    import statistics
+
+    fig, axes = plt.subplots(1, len(ROUTING_PANELS), figsize=(15, 4.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, runs) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        for ax, (key, _) in zip(axes, ROUTING_PANELS):
+            seeds = [dict(r[key]) for r in runs if r.get(key)]
+            steps = sorted(set.intersection(*(set(s) for s in seeds))) if seeds else []
+            if not steps:
+                continue
+            values = [[s[st] for s in seeds] for st in steps]
+            mean = [statistics.fmean(v) for v in values]
+            ax.plot(steps, mean, color=colour, linewidth=1.4, label=f"{name} (n={len(seeds)})")
+            if len(seeds) > 1:
+                std = [statistics.stdev(v) for v in values]
+                ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=colour, alpha=0.2, linewidth=0)
+    for ax, (key, label) in zip(axes, ROUTING_PANELS):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if key.endswith("right_level0"):
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: routing during training (means over layers; band: ± std over seeds)")
     return _save(fig, path)
 
 

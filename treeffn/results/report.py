@@ -314,7 +314,38 @@ def row_stats(row: Row, metric: str, seed_key: str, qa: list[tuple[str, str, int
     }
     for task, qa_metric, shots in qa:
         stats[(task, qa_metric, shots)] = mean_std([eval_value(p, task, qa_metric, shots) for p in done])
+    for key, read in ROUTING_COLUMNS.items():
+        stats[key] = mean_std([read(p.result.get("routing") or {}) for p in done])
     return stats
+
+
+# Routing columns of tree rows, from result.json's routing record (the last validation, and its
+# last training window), means over layers; each a mean ± std over seeds.
+ROUTING_COLUMNS = {
+    "leaf_entropy": lambda r: (r.get("mean") or {}).get("leaf_entropy"),
+    "static_sparsity": lambda r: ((r.get("train_window") or {}).get("mean") or {}).get("dead_frac"),
+    "root_right_share": lambda r: (r.get("mean") or {}).get("root_right_share"),
+}
+ROUTING_HEADERS = {"leaf_entropy": "leaf entropy", "static_sparsity": "static sparsity",
+                   "root_right_share": "root → right"}
+
+
+def compare_with_dense(rows: list[Row]) -> None:
+    """Each tree row's metric against the one dense row: the difference of the means with its
+    standard error (sqrt(s_t²/n_t + s_d²/n_d), the seed spreads), and the ratio of the means."""
+    dense = [r for r in rows if r.stats.get("ffn") == "dense" and r.stats.get("mean") is not None]
+    if len(dense) != 1:
+        return
+    d = dense[0].stats
+    for row in rows:
+        s = row.stats
+        if row is dense[0] or s.get("mean") is None:
+            continue
+        spread = None
+        if s["std"] is not None and d["std"] is not None:
+            spread = math.sqrt(s["std"] ** 2 / s["n"] + d["std"] ** 2 / d["n"])
+        s["minus_dense"] = (s["mean"] - d["mean"], spread)
+        s["over_dense"] = s["mean"] / d["mean"]
 
 
 # ------------------------------------------------------------------------------ the report
@@ -348,6 +379,7 @@ def build_report(spec: str, runs_root: str | None = None, metric: str | None = N
     qa = eval_columns(sweep, points)  # the sweep's own runs decide which lm-eval columns there are
     for row in rows:
         row.stats = row_stats(row, metric, seed_key, qa)
+    compare_with_dense(rows)
     default_out = sweep.dir / ("report" if sweep.meta.get("runs", sweep.name) == sweep.name else f"report_{sweep.name}")
     report = Report(sweep, metric, factors, rows, points, qa, Path(out) if out else default_out)
     if not sweep.launched:
@@ -423,14 +455,32 @@ def table_cells(report: Report, row: Row) -> list[str]:
     cells = [row.label[f] for f in report.factors]
     cells += [_fmt(s["mean"], s["std"]), f"{s['n']}/{s['expected']}", _pct(s["active_ffn_fraction"]),
               _count(s["params_ffn"]), _count(s["tokens_seen"]), _epochs(s["epochs"])]
+    if has_dense_comparison(report):
+        diff = s.get("minus_dense")
+        cells += [_fmt(*diff) if diff else "—", _fmt(s.get("over_dense"), digits=3)]
     cells += [_fmt(*s[key], digits=3) for key in report.qa]
+    if has_routing(report):
+        cells += [_fmt(*s[key], digits=3) for key in ROUTING_COLUMNS]
     cells.append(s["status"] if not row.source else f"{s['status']} (from {row.source})")
     return cells
 
 
+def has_routing(report: Report) -> bool:
+    return any(r.stats.get("leaf_entropy", (None,))[0] is not None for r in report.rows)
+
+
+def has_dense_comparison(report: Report) -> bool:
+    return any("minus_dense" in r.stats for r in report.rows)
+
+
 def table_header(report: Report) -> list[str]:
-    return ([*report.factors, f"{report.metric} (mean ± std)", "n", "active FFN", "FFN params", "tokens/run", "epochs"]
-            + [qa_header(*key) for key in report.qa] + ["status"])
+    header = [*report.factors, f"{report.metric} (mean ± std)", "n", "active FFN", "FFN params", "tokens/run", "epochs"]
+    if has_dense_comparison(report):
+        header += ["− dense (± s.e.)", "/ dense"]
+    header += [qa_header(*key) for key in report.qa]
+    if has_routing(report):
+        header += [ROUTING_HEADERS[k] for k in ROUTING_COLUMNS]
+    return header + ["status"]
 
 
 def to_markdown(report: Report) -> str:
@@ -446,6 +496,11 @@ def to_markdown(report: Report) -> str:
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for row in report.rows:
         lines.append("| " + " | ".join(_md_escape(c) for c in table_cells(report, row)) + " |")
+    if has_dense_comparison(report):
+        lines += ["", "− dense: the row's mean minus the dense row's, ± the standard error of that difference "
+                      "from the two seed spreads (sqrt(s²/n + s_dense²/n_dense)); / dense: the ratio of the means."]
+    if has_routing(report):
+        lines += ["", routing_legend(report)]
     unfinished = [p for p in report.points if p.status != "finished"]
     if unfinished:
         lines += ["", "Not finished (rerun the same `treeffn train -m` command to fill these in; finished runs "
@@ -454,6 +509,17 @@ def to_markdown(report: Report) -> str:
     if report.notes:
         lines += ["", *[f"Note: {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
+
+
+def routing_legend(report: Report) -> str:
+    routing = next((p.result["routing"] for p in report.points
+                    if p.status == "finished" and (p.result or {}).get("routing")), {})
+    window = routing.get("train_window") or {}
+    tokens = routing.get("tokens")
+    return ("Routing columns (tree rows; means over layers, then mean ± std over seeds): leaf entropy = normalized "
+            f"entropy of leaf usage at the last validation ({f'{tokens:,} held-out tokens' if tokens else 'the validation split'}); "
+            f"static sparsity = share of nodes no training token reached in the last training window "
+            f"({window.get('steps', '?')} steps); root → right = share of validation tokens the root sends right.")
 
 
 def _md_escape(text: str) -> str:
@@ -466,7 +532,9 @@ def write_table_csv(report: Report, path: Path) -> None:
         qa_cols += [f"{task}:{metric}:{shots}shot_mean", f"{task}:{metric}:{shots}shot_std"]
     fields = [*report.factors, "source", "n_finished", "n_expected", f"{report.metric}_mean",
               f"{report.metric}_std", "val_loss_mean", "active_ffn_fraction", "params_total", "params_ffn",
-              "ffn", "depth", "trees", "tokens_seen", "epochs", "wall_s_mean", *qa_cols, "status"]
+              "ffn", "depth", "trees", "tokens_seen", "epochs", "wall_s_mean", *qa_cols,
+              "minus_dense", "minus_dense_se", "over_dense",
+              *(f"{k}_{m}" for k in ROUTING_COLUMNS for m in ("mean", "std")), "status"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
@@ -476,7 +544,8 @@ def write_table_csv(report: Report, path: Path) -> None:
             w.writerow([*(row.label[k] for k in report.factors), row.source or "", s["n"], s["expected"], s["mean"],
                         s["std"], s["val_loss_mean"], s["active_ffn_fraction"], s["params_total"], s["params_ffn"],
                         s["ffn"], s["depth"], s["trees"], s["tokens_seen"], s["epochs"], s["wall_s_mean"], *qa_vals,
-                        s["status"]])
+                        *(s.get("minus_dense") or (None, None)), s.get("over_dense"),
+                        *(v for k in ROUTING_COLUMNS for v in s[k]), s["status"]])
 
 
 def write_runs_csv(report: Report, path: Path) -> None:

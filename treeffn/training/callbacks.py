@@ -8,7 +8,7 @@ import lightning as L
 
 import torch
 
-from treeffn.analysis.routing import LevelLogits, layer_summary, leaf_counts, usage_histogram
+from treeffn.analysis.routing import layer_summary, leaf_counts, level_logit_means, mean_over_layers, usage_histogram
 from treeffn.models.swap import tree_layers
 
 
@@ -50,78 +50,109 @@ class Throughput(L.Callback):
 
 
 class RoutingStats(L.Callback):
-    """Routing statistics of every tree layer, logged as ``tree/layer<i>/...``.
+    """Routing statistics of every tree layer, logged as ``tree/layer<i>/...`` and, averaged over
+    layers, ``tree/mean/...``.
 
-    Training window (every ``every_n_steps`` steps): ``static_sparsity`` (share of nodes, and so
-    of FFN parameters, that no training token reached in the window: they got no gradient) and
-    ``train_leaf_entropy``. Validation: ``dead_frac``, ``leaf_entropy``, ``leaves_used``,
-    ``right_frac`` and ``logit_level<j>`` (mean routing logit per level), their mean over
-    layers under ``tree/mean/...``, and W&B histograms of leaf usage. Counts are summed over
-    ranks before anything is computed.
+    Training window (every ``every_n_steps`` optimizer steps, from the counts the training
+    forward passes make anyway): ``static_sparsity`` (share of nodes, and so of FFN parameters,
+    that no training token of the window reached: they got no gradient), ``train_leaf_entropy``,
+    ``train_right_level<j>`` (share of the tokens at level j that went right) and
+    ``train_logit_level<j>`` (mean routing logit on the paths). Written straight to the loggers,
+    so every window is recorded whatever ``trainer.log_every_n_steps`` is.
+
+    Validation: ``dead_frac``, ``leaf_entropy``, ``leaves_used``, ``right_frac``,
+    ``right_level<j>``, ``logit_level<j>``, and W&B histograms of leaf usage. Counts are summed
+    over ranks before anything is computed; the device is read once per window.
     """
 
     def __init__(self, every_n_steps: int):
         self.every_n_steps = every_n_steps
-        self.last: dict = {}
+        self.last: dict = {}          # the last validation's statistics (result.json's routing)
+        self.last_window: dict = {}   # the last training window's
         self._stash: list | None = None
-        self._logits: list = []
 
     @staticmethod
-    def _reduced(trainer, pl_module, visits):
-        return pl_module.all_gather(visits).sum(0) if trainer.world_size > 1 else visits
+    def _counts(trainer, pl_module, layers) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(visits, level_logits or None) per layer, summed over ranks, on the CPU: one transfer."""
+        logits = [getattr(layer, "level_logits", None) for layer in layers]
+        buffers = [layer.node_visits.double() for layer in layers] + [x for x in logits if x is not None]
+        flat = torch.cat([b.flatten() for b in buffers])
+        if trainer.world_size > 1:
+            flat = pl_module.all_gather(flat).sum(0)
+        pieces = flat.cpu().split([b.numel() for b in buffers])
+        visits, rest = pieces[:len(layers)], iter(pieces[len(layers):])
+        return [(v.round().long(), next(rest).view(x.shape) if x is not None else None)
+                for v, x in zip(visits, logits)]
+
+    @staticmethod
+    def _stats(visits, level_logits, layer) -> dict:
+        s = layer_summary(visits, layer.trees, layer.depth)
+        s["logit_per_level"] = level_logit_means(level_logits) if level_logits is not None else []
+        return s
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every_n_steps:
             return
-        for i, layer in enumerate(tree_layers(pl_module)):
-            visits = self._reduced(trainer, pl_module, layer.node_visits).cpu()
-            s = layer_summary(visits, layer.trees, layer.depth)
-            pl_module.log(f"tree/layer{i}/static_sparsity", s["dead_frac"])
-            pl_module.log(f"tree/layer{i}/train_leaf_entropy", s["leaf_entropy"])
+        layers = tree_layers(pl_module)
+        if not layers:
+            return
+        per_layer = [self._stats(v, x, layer) for (v, x), layer in zip(self._counts(trainer, pl_module, layers),
+                                                                          layers)]
+        for layer in layers:
             layer.node_visits.zero_()
+            if getattr(layer, "level_logits", None) is not None:
+                layer.level_logits.zero_()
+        metrics = {}
+        for i, s in enumerate(per_layer):
+            metrics |= self._window_metrics(f"tree/layer{i}", s)
+        metrics |= self._window_metrics("tree/mean", mean_over_layers(per_layer))
+        self.last_window = {"step": int(trainer.global_step), "steps": self.every_n_steps,
+                            "mean": mean_over_layers(per_layer),
+                            "layers": [{k: s[k] for k in ("dead_frac", "leaf_entropy", "root_right_share")}
+                                       for s in per_layer]}
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
+
+    @staticmethod
+    def _window_metrics(prefix: str, s: dict) -> dict:
+        out = {f"{prefix}/static_sparsity": s["dead_frac"], f"{prefix}/train_leaf_entropy": s["leaf_entropy"]}
+        out |= {f"{prefix}/train_right_level{j}": v for j, v in enumerate(s["right_share_per_level"])}
+        out |= {f"{prefix}/train_logit_level{j}": v for j, v in enumerate(s["logit_per_level"])}
+        return out
 
     def on_validation_epoch_start(self, trainer, pl_module):
         layers = tree_layers(pl_module)
         # Keep the training window's counts aside; validation counts start from zero.
-        self._stash = [layer.node_visits.clone() for layer in layers]
+        self._stash = [(layer.node_visits.clone(), _logit_buffer(layer)) for layer in layers]
         for layer in layers:
             layer.node_visits.zero_()
-        self._logits = [LevelLogits(layer) for layer in layers] if not trainer.sanity_checking else []
+            if getattr(layer, "level_logits", None) is not None:
+                layer.level_logits.zero_()
 
     def on_validation_epoch_end(self, trainer, pl_module):
         layers = tree_layers(pl_module)
-        logits, self._logits = self._logits, []
-        for hook in logits:
-            hook.remove()
         if not layers or trainer.sanity_checking:
             self._restore(layers)
             return
+        counts = self._counts(trainer, pl_module, layers)
         per_layer = []
-        for i, layer in enumerate(layers):
-            visits = self._reduced(trainer, pl_module, layer.node_visits).cpu()
-            s = layer_summary(visits, layer.trees, layer.depth)
-            level_means = self._reduced_level_means(trainer, pl_module, logits[i]) if logits else []
-            for key, value in s.items():
-                pl_module.log(f"tree/layer{i}/{key}", value)
-            for j, value in enumerate(level_means):
+        for i, ((visits, level_logits), layer) in enumerate(zip(counts, layers)):
+            s = self._stats(visits, level_logits, layer)
+            for key in ("dead_frac", "leaf_entropy", "leaves_used", "right_frac", "root_right_share"):
+                pl_module.log(f"tree/layer{i}/{key}", s[key])
+            for j, value in enumerate(s["right_share_per_level"]):
+                pl_module.log(f"tree/layer{i}/right_level{j}", value)
+            for j, value in enumerate(s["logit_per_level"]):
                 pl_module.log(f"tree/layer{i}/logit_level{j}", value)
-            per_layer.append({**s, "logit_per_level": level_means})
+            per_layer.append(s)
             self._histogram(trainer, f"tree/layer{i}/leaf_usage", leaf_counts(visits, layer.trees, layer.depth))
-        means = {k: sum(s[k] for s in per_layer) / len(per_layer) for k in ("dead_frac", "leaf_entropy",
-                                                                             "leaves_used", "right_frac")}
-        for key, value in means.items():
-            pl_module.log(f"tree/mean/{key}", value)
-        self.last = {"mean": means, "layers": per_layer}
+        means = mean_over_layers(per_layer)
+        for key in ("dead_frac", "leaf_entropy", "leaves_used", "right_frac", "root_right_share"):
+            pl_module.log(f"tree/mean/{key}", means[key])
+        tokens = int(counts[0][0].view(layers[0].trees, -1)[:, 0].sum()) // layers[0].trees
+        self.last = {"tokens": tokens, "mean": means, "layers": per_layer, "train_window": self.last_window}
         self._restore(layers)
-
-    @staticmethod
-    def _reduced_level_means(trainer, pl_module, hook) -> list[float]:
-        """Per-level mean routing logits over the validation blocks of all ranks."""
-        if trainer.world_size == 1:
-            return hook.means()
-        sums = pl_module.all_gather(hook.sums.to(pl_module.device)).sum(0).cpu()
-        counts = pl_module.all_gather(hook.counts.to(pl_module.device)).sum(0).cpu()
-        return torch.where(counts > 0, sums / counts.clamp_min(1), float("nan")).tolist()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # Each rank counts its own tokens; the checkpoint (written by rank 0) gets the sum over
@@ -144,8 +175,10 @@ class RoutingStats(L.Callback):
 
     def _restore(self, layers):
         if self._stash is not None:
-            for layer, saved in zip(layers, self._stash):
-                layer.node_visits.copy_(saved)
+            for layer, (visits, logits) in zip(layers, self._stash):
+                layer.node_visits.copy_(visits)
+                if logits is not None:
+                    layer.level_logits.copy_(logits)
             self._stash = None
 
     @staticmethod
@@ -162,9 +195,14 @@ class RoutingStats(L.Callback):
                                    "trainer/global_step": trainer.global_step})
 
 
+def _logit_buffer(layer):
+    buf = getattr(layer, "level_logits", None)
+    return buf.clone() if buf is not None else None
+
+
 class InitialCheckpoint(L.Callback):
-    """Saves the untrained weights as ``step0000000.ckpt`` at the start of a fresh run, so that
-    analyses over checkpoints (``treeffn analyze``) see the routing at initialisation too."""
+    """Saves the untrained weights (weights only) as ``step0000000.ckpt`` at the start of a fresh
+    tree run: ``treeffn analyze`` judges routing relative to the model's own initialisation."""
 
     def __init__(self, path):
         self.path = path
@@ -173,4 +211,4 @@ class InitialCheckpoint(L.Callback):
         # Rank 0 decides: every rank must call save_checkpoint (it ends in a barrier), and the
         # others could see the file rank 0 has just written.
         if trainer.global_step == 0 and trainer.strategy.broadcast(not self.path.exists()):
-            trainer.save_checkpoint(str(self.path))
+            trainer.save_checkpoint(str(self.path), weights_only=True)

@@ -254,7 +254,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     tree_cfg = cfg["tree"]
     # Every tree family keeps node_visits in the heap layout (leaf family: routers + leaves).
     with_stats = tree_cfg["ffn"] == "tree" and tree_cfg.get("track_stats", True)
-    routing = RoutingStats(every_n_steps=tree_cfg.get("stats_every_n_steps", 50))
+    routing = RoutingStats(every_n_steps=tree_cfg.get("stats_every_n_steps", 10))
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg["checkpoint"]["every_n_steps"], save_last=True,
@@ -262,7 +262,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
                         enable_version_counter=False),
         throughput := Throughput(tokens_per_step=0),
         *([routing] if with_stats else []),
-        *([InitialCheckpoint(run_dir / "checkpoints" / "step0000000.ckpt")] if cfg["checkpoint"]["keep_all"] else []),
+        *([InitialCheckpoint(run_dir / "checkpoints" / "step0000000.ckpt")] if with_stats else []),
         RNGState(),
         RankSeed(cfg["seed"]),  # after RNGState: several ranks draw from per-rank streams
         guard := NonFiniteGuard(cfg["guard"]["max_non_finite_steps"]),
@@ -356,6 +356,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         "model": cfg["model"]["name"],
         "seed": cfg["seed"],
         "routing": routing.last or None,
+        "precision": precision,
         "run_dir": str(run_dir),
     }
     if "hard_soft_gap" in val:  # leaf family: soft-mixture loss and the hard-minus-soft gap
