@@ -448,7 +448,7 @@ def main() -> int:
             from treeffn.analysis.analyze import analyse_run
 
             t0 = time.perf_counter()
-            analysis = analyse_run(run_dir, max_blocks=16 if args.smoke else 64, device=dev)
+            analysis = analyse_run(run_dir, max_blocks=16 if args.smoke else None, device=dev)  # None: the whole split
             pruning[v] = pruning_summary(analysis)
             pruning[v]["analysis_s"] = round(time.perf_counter() - t0, 1)
             log(f"analysis {v}: {pruning[v]['per_checkpoint']} verdicts {pruning[v]['final_verdicts']}")

@@ -117,5 +117,5 @@ def test_analyze_on_the_whole_split_reproduces_the_training_validation(tmp_path,
         assert check[f"max_abs_diff_{key}"] < 1e-12, (key, check)
     # A seeded sample spread over the split: the same blocks for the same seed, others for another.
     cfg = read_run_config(run)
-    a, b, c = (held_out_blocks(cfg, "validation", 4, seed) for seed in (0, 0, 1))
+    a, b, c = (held_out_blocks(cfg, "validation", 4, seed)[0] for seed in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)

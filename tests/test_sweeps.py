@@ -281,6 +281,27 @@ def test_smoke_sweep_then_report_gives_the_strategies_table(tmp_path, cache_dir)
     assert [r.split("|")[1].strip() for r in rows] == ["dense", "node", "post_sum"]
     assert all(" ± " in r and r.rstrip().endswith("| ok |") for r in rows)
     report_dir = tmp_path / "runs" / "sweeps" / SMOKE / "report"
-    for name in ("table.md", "table.csv", "table.tex", "runs.csv", "ppl_vs_active.png", "curves.png"):
+    for name in ("table.md", "table.csv", "table.tex", "runs.csv", "ppl_vs_active.png", "curves.png", "routing.png"):
         assert (report_dir / name).exists(), name
     assert os.path.getsize(report_dir / "curves.png") > 1000
+
+    # The tree rows against dense and their routing columns, recomputed from the run records.
+    table = {r["strategy"]: r for r in csv.DictReader(open(report_dir / "table.csv"))}
+    assert table["dense"]["minus_dense"] == "" and table["dense"]["leaf_entropy_mean"] == ""
+    results = {}
+    for run in (tmp_path / "runs" / "sweeps" / SMOKE).glob("*/result.json"):
+        strategy = rp.job_values(run.parent.name.split(","))["strategy"]
+        results.setdefault(strategy, []).append(json.loads(run.read_text()))
+    dense_ppl = [r["val_ppl"] for r in results["dense"]]
+    for strategy in ("node", "post_sum"):
+        ppl = [r["val_ppl"] for r in results[strategy]]
+        row = table[strategy]
+        assert float(row["minus_dense"]) == pytest.approx(sum(ppl) / 3 - sum(dense_ppl) / 3)
+        import statistics
+        se = (statistics.stdev(ppl) ** 2 / 3 + statistics.stdev(dense_ppl) ** 2 / 3) ** 0.5
+        assert float(row["minus_dense_se"]) == pytest.approx(se)
+        entropy = [r["routing"]["mean"]["leaf_entropy"] for r in results[strategy]]
+        sparsity = [r["routing"]["train_window"]["mean"]["dead_frac"] for r in results[strategy]]
+        assert float(row["leaf_entropy_mean"]) == pytest.approx(statistics.fmean(entropy))
+        assert float(row["static_sparsity_mean"]) == pytest.approx(statistics.fmean(sparsity))
+    assert "− dense (± s.e.)" in out.stdout and "static sparsity" in out.stdout and "Routing columns" in out.stdout

@@ -46,9 +46,9 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def held_out_blocks(cfg: dict, text: str, max_blocks: int | None, seed: int = 0):
-    """Held-out blocks: a seeded sample of ``max_blocks`` blocks spread over the whole validation
-    split (all of them when ``max_blocks`` is None or larger), in split order; or the first
-    ``max_blocks`` blocks of the King James Bible (``kjv``)."""
+    """(blocks, what they are): a seeded sample of ``max_blocks`` blocks spread over the whole
+    validation split (all of them when ``max_blocks`` is None or larger), in split order; or the
+    first ``max_blocks`` blocks of the King James Bible (``kjv``)."""
     import torch
 
     from treeffn.data.datamodule import TextDataModule
@@ -64,16 +64,16 @@ def held_out_blocks(cfg: dict, text: str, max_blocks: int | None, seed: int = 0)
             ids += tok(doc["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         block = int(data_cfg["block_size"])
         n = len(ids) // block if max_blocks is None else min(max_blocks, len(ids) // block)
-        return torch.tensor(ids[: n * block]).view(n, block)
+        return torch.tensor(ids[: n * block]).view(n, block), f"the first {n} blocks"
     if text != "validation":
         raise ValueError(f"text={text!r} is not allowed; choose validation or kjv")
     dm = TextDataModule(data_cfg, seed=cfg.get("seed", 0))
     dm.setup()
     blocks = dm.val_set[:]
     if max_blocks is None or max_blocks >= len(blocks):
-        return blocks
+        return blocks, f"all {len(blocks)} blocks of the split"
     pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:max_blocks]
-    return blocks[pick.sort().values]
+    return blocks[pick.sort().values], f"{max_blocks} of its {len(blocks)} blocks, drawn with seed {seed}"
 
 
 def analyse_checkpoint(model, blocks, batch_size: int = 16, bf16: bool = False) -> dict:
@@ -134,7 +134,8 @@ def analyse_run(run_dir: Path, text: str = "validation", max_blocks: int | None 
     ckpts = run_checkpoints(run_dir)
     if not ckpts:
         raise FileNotFoundError(f"run {run_dir} has no checkpoints to analyse")
-    blocks = held_out_blocks(cfg, text, max_blocks, seed).to(device)
+    blocks, sample = held_out_blocks(cfg, text, max_blocks, seed)
+    blocks = blocks.to(device)
     # The run's batch size and, on a GPU, its precision: the final checkpoint on the whole split
     # then repeats the run's last validation (against_training below).
     batch_size = int(cfg["data"]["batch_size"])
@@ -155,8 +156,7 @@ def analyse_run(run_dir: Path, text: str = "validation", max_blocks: int | None 
         "text": text,
         "blocks": int(blocks.shape[0]),
         "tokens": int(blocks.numel()),
-        "sample": (f"{blocks.shape[0]} blocks drawn with seed {seed} from the whole split" if text == "validation"
-                   else f"the first {blocks.shape[0]} blocks"),
+        "sample": sample,
         "device": str(device),
         "bf16_autocast": bf16,
         "thresholds": {"balanced_if_leaf_entropy_at_least": BALANCED_AT_LEAST,

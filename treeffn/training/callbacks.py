@@ -68,7 +68,7 @@ class RoutingStats(L.Callback):
     def __init__(self, every_n_steps: int):
         self.every_n_steps = every_n_steps
         self.last: dict = {}          # the last validation's statistics (result.json's routing)
-        self.last_window: dict = {}   # the last training window's
+        self.last_window: dict = {}   # the last full training window's (or the only, shorter one)
         self._stash: list | None = None
 
     @staticmethod
@@ -93,11 +93,20 @@ class RoutingStats(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every_n_steps:
             return
+        self._log_window(trainer, pl_module, self.every_n_steps)
+
+    def on_train_end(self, trainer, pl_module):
+        # A run shorter than one window still gets one (its steps are recorded with it).
+        steps = trainer.global_step % self.every_n_steps
+        if not self.last_window and steps:
+            self._log_window(trainer, pl_module, steps)
+
+    def _log_window(self, trainer, pl_module, steps: int):
         layers = tree_layers(pl_module)
         if not layers:
             return
-        per_layer = [self._stats(v, x, layer) for (v, x), layer in zip(self._counts(trainer, pl_module, layers),
-                                                                          layers)]
+        counts = self._counts(trainer, pl_module, layers)
+        per_layer = [self._stats(v, x, layer) for (v, x), layer in zip(counts, layers)]
         for layer in layers:
             layer.node_visits.zero_()
             if getattr(layer, "level_logits", None) is not None:
@@ -106,7 +115,7 @@ class RoutingStats(L.Callback):
         for i, s in enumerate(per_layer):
             metrics |= self._window_metrics(f"tree/layer{i}", s)
         metrics |= self._window_metrics("tree/mean", mean_over_layers(per_layer))
-        self.last_window = {"step": int(trainer.global_step), "steps": self.every_n_steps,
+        self.last_window = {"step": int(trainer.global_step), "steps": steps, "tokens": tokens_counted(counts, layers),
                             "mean": mean_over_layers(per_layer),
                             "layers": [{k: s[k] for k in ("dead_frac", "leaf_entropy", "root_right_share")}
                                        for s in per_layer]}
@@ -150,8 +159,7 @@ class RoutingStats(L.Callback):
         means = mean_over_layers(per_layer)
         for key in ("dead_frac", "leaf_entropy", "leaves_used", "right_frac", "root_right_share"):
             pl_module.log(f"tree/mean/{key}", means[key])
-        tokens = int(counts[0][0].view(layers[0].trees, -1)[:, 0].sum()) // layers[0].trees
-        self.last = {"tokens": tokens, "mean": means, "layers": per_layer, "train_window": self.last_window}
+        self.last = {"tokens": tokens_counted(counts, layers), "mean": means, "layers": per_layer}
         self._restore(layers)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
@@ -193,6 +201,11 @@ class RoutingStats(L.Callback):
                 edges = torch.arange(flat.numel() + 1).double()
                 lg.experiment.log({key: wandb.Histogram(np_histogram=(flat.numpy(), edges.numpy())),
                                    "trainer/global_step": trainer.global_step})
+
+
+def tokens_counted(counts, layers) -> int:
+    """Tokens behind a set of counts: every token visits the root of each tree of layer 0."""
+    return int(counts[0][0].view(layers[0].trees, -1)[:, 0].sum()) // layers[0].trees
 
 
 def _logit_buffer(layer):

@@ -355,7 +355,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
                  if cfg["tree"]["ffn"] == "tree" else None),
         "model": cfg["model"]["name"],
         "seed": cfg["seed"],
-        "routing": routing.last or None,
+        "routing": {**routing.last, "train_window": routing.last_window} if routing.last else None,
         "precision": precision,
         "run_dir": str(run_dir),
     }
