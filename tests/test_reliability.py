@@ -111,7 +111,7 @@ def test_sigusr2_saves_then_goes_to_the_launchers_handler(tmp_path, cache_dir):
     args = ["train", *EXACT, f"hydra.run.dir={run}"]
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(marker), *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: any((run / "checkpoints").glob("step*.ckpt")), proc)
+    wait_for(lambda: trained_checkpoints(run), proc)
     proc.send_signal(signal.SIGUSR2)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and marker.read_text() == "requeued", stderr[-2000:]  # the launcher's exit
@@ -128,7 +128,7 @@ def test_preemption_signal_saves_and_the_rerun_continues(tmp_path, cache_dir, si
     args = ["train", *[o for o in EXACT if not o.startswith("logger")], "logger=wandb",
             f"hydra.run.dir={run}"]
     proc = start_cli(args, cwd=tmp_path)
-    wait_for(lambda: any((run / "checkpoints").glob("step*.ckpt")), proc)
+    wait_for(lambda: trained_checkpoints(run), proc)
     wandb_id = (run / "wandb_id.txt").read_text()
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
@@ -415,3 +415,10 @@ def test_a_failed_export_keeps_the_last_good_result_and_hf_dir(tmp_path, cache_d
 if __name__ == "__main__":  # python -m tests.test_reliability disk_full <root> <tmpfs|rlimit>
     if sys.argv[1] == "disk_full":
         print(json.dumps(disk_full_scenario(sys.argv[2], sys.argv[3])))
+
+
+def trained_checkpoints(run_dir):
+    """Step checkpoints after training began (a tree run also keeps its step-0 weights)."""
+    from treeffn.training.run_files import step_checkpoints
+
+    return step_checkpoints(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []

@@ -133,7 +133,7 @@ def stop_mid_training(victims: dict[Path, Callable[[], None]], timeout: float = 
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for run_dir, stop in list(pending.items()):
-            if any((run_dir / "checkpoints").glob("step*.ckpt")):
+            if trained_checkpoints(run_dir):
                 stop()
                 del pending[run_dir]
         time.sleep(0.02)
@@ -232,3 +232,10 @@ def test_kill_and_cancel_jobs_report_them_then_rerun_fills_them_in(launcher, req
         row = table_row(text, strategy)
         assert "| 3/3 |" in row and " ± " in row and row.rstrip().endswith("| ok |")
     print(f"\n[{launcher}] first pass (with the kill and the cancel) {first_pass_s:.0f} s, rerun {rerun_s:.0f} s")
+
+
+def trained_checkpoints(run_dir):
+    """Step checkpoints after training began (a tree run also keeps its step-0 weights)."""
+    from treeffn.training.run_files import step_checkpoints
+
+    return step_checkpoints(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []

@@ -65,3 +65,24 @@ def test_resume_auto_continues_from_the_last_checkpoint(tmp_path, cache_dir):
         train(make_cfg(cache_dir, "tree=dense", "trainer.max_steps=20", "resume=never"), run)
     with pytest.raises(ConfigError, match="different tree"):
         train(make_cfg(cache_dir, "tree.depth=2", "trainer.max_steps=30"), run)
+
+
+def test_tree_lr_scale_gives_the_tree_layers_their_own_learning_rate(cache_dir):
+    from treeffn.models.build import build_model
+    from treeffn.models.swap import tree_layers
+    from treeffn.training.lm_module import CausalLMModule
+
+    cfg = make_cfg(cache_dir, "tree.depth=2", "optim.tree_lr_scale=3")
+    model = build_model(cfg["model"], cfg["tree"], vocab_size=64, pad_id=0, bos_id=0, eos_id=0)
+    opt = CausalLMModule(model, cfg["optim"], max_steps=10).configure_optimizers()["optimizer"]
+    tree_ids = {id(p) for layer in tree_layers(model) for p in layer.parameters()}
+    lr = cfg["optim"]["lr"]
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= tree_ids or not ids & tree_ids  # a group is all tree or no tree
+        expected = 3 * lr if ids and ids <= tree_ids else lr
+        assert group["initial_lr"] == pytest.approx(expected)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    # the default: the two groups of before (decay, no decay), one learning rate
+    plain = CausalLMModule(model, make_cfg(cache_dir, "tree.depth=2")["optim"], max_steps=10)
+    assert len(plain.configure_optimizers()["optimizer"].param_groups) == 2

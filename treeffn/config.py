@@ -233,6 +233,9 @@ def validate_train_config(cfg: dict) -> None:
     optim, trainer = cfg["optim"], cfg["trainer"]
     if not isinstance(optim.get("lr"), (int, float)) or optim["lr"] <= 0:
         raise ConfigError(f"optim.lr={optim.get('lr')!r} is not allowed; it must be a number > 0")
+    scale = optim.get("tree_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ConfigError(f"optim.tree_lr_scale={scale!r} is not allowed; it must be a number > 0 (1: the model's lr)")
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         shown = "null" if seed is None else repr(seed)

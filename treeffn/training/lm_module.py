@@ -34,18 +34,36 @@ def matrix_names(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.ndim >= 2}
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float, matrices: set[str] | None = None) -> list[dict]:
+def tree_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters of tree FFN layers (any family), read before any wrapping."""
+    return {f"{prefix}.{n}" for prefix, m in model.named_modules() if hasattr(m, "node_visits")
+            for n, _ in m.named_parameters()}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, matrices: set[str] | None = None,
+                     lr: float | None = None, tree_lr_scale: float = 1.0, trees: set[str] | None = None) -> list[dict]:
     """Matrices (linear, tree node tables, embeddings) decay; biases and norm weights do not.
+    With ``tree_lr_scale`` != 1, the tree layers' parameters (names in ``trees``) form their own
+    groups at ``lr * tree_lr_scale``.
 
     ``matrices``: names from ``matrix_names`` before wrapping. FSDP (use_orig_params) shows a
     sharded parameter as a flat 1-D piece, so its shape no longer says what it is.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             is_matrix = unwrapped_name(name) in matrices if matrices is not None else p.ndim >= 2
-            (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            is_tree = tree_lr_scale != 1 and unwrapped_name(name) in (trees or set())
+            groups.setdefault((is_matrix, is_tree), []).append(p)
+    out = []
+    for is_tree in (False, True):
+        for is_matrix in (True, False):
+            if (is_matrix, is_tree) in groups or not is_tree:
+                group = {"params": groups.get((is_matrix, is_tree), []), "weight_decay": weight_decay if is_matrix else 0.0}
+                if is_tree:
+                    group["lr"] = lr * tree_lr_scale
+                out.append(group)
+    return out
 
 
 class CausalLMModule(L.LightningModule):
@@ -53,6 +71,7 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.matrices = matrix_names(model)  # before a strategy wraps (and maybe flattens) it
+        self.tree_parameters = tree_parameter_names(model)
         self.optim_cfg = optim_cfg
         self.max_steps = max_steps
         self.val_loss = MeanMetric()  # token-weighted, reduced across ranks
@@ -111,9 +130,9 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim_cfg
-        opt = torch.optim.AdamW(
-            parameter_groups(self.model, o["weight_decay"], self.matrices), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"]
-        )
+        groups = parameter_groups(self.model, o["weight_decay"], self.matrices, o["lr"], o.get("tree_lr_scale", 1.0),
+                                  self.tree_parameters)
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], self.max_steps, o["min_lr_ratio"])
         )

@@ -205,9 +205,14 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
 
 
+# A tree run's untrained weights (weights only, for treeffn analyze): never a point to resume from.
+INITIAL_CHECKPOINT = "step0000000.ckpt"
+
+
 def step_checkpoints(folder: Path) -> list[Path]:
-    """Periodic checkpoints, newest first."""
-    return sorted(folder.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    """Periodic checkpoints a run can resume from, newest first."""
+    return sorted((p for p in folder.glob("step*.ckpt") if p.name != INITIAL_CHECKPOINT),
+                  key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
 def pick_resume_checkpoint(folder: Path) -> Path | None:

@@ -238,7 +238,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
                                               make_strategy, rank_command)
     from treeffn.training.reliability import (AtomicCheckpointIO, NonFiniteGuard, Preemption, RNGState,
                                               check_checkpoint_fits)
-    from treeffn.training.run_files import checkpoint_step, claim_run_dir
+    from treeffn.training.run_files import INITIAL_CHECKPOINT, checkpoint_step, claim_run_dir
 
     started = time.perf_counter()
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -262,7 +262,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
                         enable_version_counter=False),
         throughput := Throughput(tokens_per_step=0),
         *([routing] if with_stats else []),
-        *([InitialCheckpoint(run_dir / "checkpoints" / "step0000000.ckpt")] if with_stats else []),
+        *([InitialCheckpoint(run_dir / "checkpoints" / INITIAL_CHECKPOINT)] if with_stats else []),
         RNGState(),
         RankSeed(cfg["seed"]),  # after RNGState: several ranks draw from per-rank streams
         guard := NonFiniteGuard(cfg["guard"]["max_non_finite_steps"]),
