@@ -224,7 +224,7 @@ def test_ctrl_c_saves_the_rerun_continues_and_a_finished_run_is_left_alone(tmp_p
     # quoted note) "@" and a hash; whatever train prints must work as run= for the other verbs.
     args = ["train", *EXACT, "+note='ctrl c'", f"runs_root={runs}"]
     proc = start_cli(args, cwd=tmp_path)
-    wait_for(lambda: any(runs.glob("*/checkpoints/step*.ckpt")), proc)
+    wait_for(lambda: any(trained_checkpoints(d) for d in runs.glob("*/")), proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
