@@ -56,6 +56,8 @@ for run in sorted([*root.glob("*/logs/csv/metrics.csv"), *root.parent.parent.glo
         rate = row.get("train/tokens_per_s") or rate
     print(f"  {run.parents[2].name}: step {step}, {float(rate or 0):,.0f} tokens/s")
 PY
+    for f in "$sweep_dir"/*/failure.json; do [ -f "$f" ] && { echo "FAILED: $f"; head -c 600 "$f"; echo; }; done
+    grep -h -m2 -E "Error|error:" "$sweep_dir"/.submitit/*/*.err 2>/dev/null | head -4 || true
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
     echo "$(date -u +%T) finished $done_runs/9 (+ $extra_done extra)"
     [ "$done_runs" -ge 9 ] && { [ -z "${TABLE6_EXTRA:-}" ] || [ "$extra_done" -ge 1 ]; } && break

@@ -305,3 +305,12 @@ def test_smoke_sweep_then_report_gives_the_strategies_table(tmp_path, cache_dir)
         assert float(row["leaf_entropy_mean"]) == pytest.approx(statistics.fmean(entropy))
         assert float(row["static_sparsity_mean"]) == pytest.approx(statistics.fmean(sparsity))
     assert "− dense (± s.e.)" in out.stdout and "static sparsity" in out.stdout and "Routing columns" in out.stdout
+
+
+def test_gpu_shared_spreads_the_jobs_of_a_sweep_over_the_gpus():
+    from treeffn.config_files import gpu_of_job
+
+    assert [gpu_of_job(k, 2) for k in range(5)] == [[0], [1], [0], [1], [0]]
+    assert gpu_of_job(7, 1) == [0]
+    with pytest.raises(ValueError, match="needs a GPU"):
+        gpu_of_job(0, 0)
