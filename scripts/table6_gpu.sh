@@ -19,7 +19,8 @@
 set -euo pipefail
 phase=$1 work=$2
 repo=$(cd "$(dirname "$0")/.." && pwd)
-sweep=table_strategies_opt125m_docs
+sweep=${TABLE6_SWEEP:-table_strategies_opt125m_docs}   # or table_strategies_opt125m_docs_tree_lr3
+expected=${TABLE6_RUNS:-9}                              # grid points of that sweep
 sweep_dir=$work/runs/sweeps/$sweep
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
@@ -59,8 +60,8 @@ PY
     for f in "$sweep_dir"/*/failure.json; do [ -f "$f" ] && { echo "FAILED: $f"; head -c 600 "$f"; echo; }; done
     grep -h -m2 -E "Error|error:" "$sweep_dir"/.submitit/*/*.err 2>/dev/null | head -4 || true
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
-    echo "$(date -u +%T) finished $done_runs/9 (+ $extra_done extra)"
-    [ "$done_runs" -ge 9 ] && { [ -z "${TABLE6_EXTRA:-}" ] || [ "$extra_done" -ge 1 ]; } && break
+    echo "$(date -u +%T) finished $done_runs/$expected (+ $extra_done extra)"
+    [ "$done_runs" -ge "$expected" ] && { [ -z "${TABLE6_EXTRA:-}" ] || [ "$extra_done" -ge 1 ]; } && break
     kill -0 "$(cat "$work/sweep.pid")" 2>/dev/null || { echo "the sweep process has ended:"; tail -5 "$work/sweep.log"; break; }
     [ $(( $(date +%s) - t0 )) -ge "$limit" ] && break
     sleep 60
