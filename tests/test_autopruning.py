@@ -107,10 +107,14 @@ def test_analyze_on_the_whole_split_reproduces_the_training_validation(tmp_path,
     from treeffn.training.train import train
 
     run = tmp_path / "run"
-    result = train(make_cfg(cache_dir, "tree.depth=3", "trainer.max_steps=10", "tree.placement=post_sum",
-                            "trainer.limit_val_batches=1.0"), run)
+    # 11 steps: neither a checkpoint step (every 4) nor a validation step (every 4): the run still
+    # ends with its final weights in last.ckpt
+    result = train(make_cfg(cache_dir, "tree.depth=3", "trainer.max_steps=11", "tree.placement=post_sum",
+                            "trainer.limit_val_batches=1.0", "checkpoint.every_n_steps=4",
+                            "trainer.val_check_interval=4"), run)
     assert (run / "checkpoints" / "step0000000.ckpt").is_file()
     analysis = analyse_run(run, max_blocks=None)
+    assert analysis["checkpoints"][-1]["step"] == 11
     check = analysis["against_training"]
     assert check is not None and check["tokens"] == result["routing"]["tokens"]
     for key in ("dead_frac", "leaf_entropy", "root_right_share"):

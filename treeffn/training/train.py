@@ -331,6 +331,11 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         # The result's validation numbers come from the final weights (all ranks take part).
         if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
+        # last.ckpt holds the final weights (ModelCheckpoint last saved at a multiple of
+        # checkpoint.every_n_steps or a validation): treeffn analyze and a rerun start from the end.
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if trainer.strategy.broadcast(not last.exists() or checkpoint_step(last) != trainer.global_step):
+            trainer.save_checkpoint(str(last))
         # FSDP leaves each rank a shard of every weight: gather the full weights for the hf/
         # export below now, while the ranks are connected (all take part; rank 0 receives them).
         full_weights = trainer.strategy.lightning_module_state_dict() if is_fsdp(trainer) else None
