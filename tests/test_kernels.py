@@ -285,10 +285,10 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     """`treeffn bench` end to end at a toy size: checks pass, both timings per call, JSON and Markdown written."""
     import json
 
-    from treeffn.bench import main
+    from treeffn.cli.bench import main
 
-    rc = main(["--device", "cpu", "--configs", "custom:16,64,2,2", "--tokens", "3", "--paths", "dense,masked,gather",
-               "--rep-ms", "1", "--out", str(tmp_path)])
+    rc = main(["device=cpu", "configs=[custom:16,64,2,2]", "tokens=[3]", "paths=[dense,masked,gather]",
+               "rep_ms=1", f"out={tmp_path}"])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     timed = [r for r in result["rows"] if "loop_us" in r]
@@ -300,39 +300,34 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     md = (tmp_path / "bench.md").read_text()
     assert "| custom:16,64,2,2 | 3 |" in md and "loop µs per call, host included" in md and "GPU-only" in md
     assert "custom:16,64,2,2" in capsys.readouterr().out
-    assert main(["--device", "cpu", "--modes", "backward", "--out", str(tmp_path)]) == 2
+    assert main(["device=cpu", "modes=[backward]", f"out={tmp_path}"]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tokens", "0"], "--tokens 0 is out of range"),
-    (["--tokens", "1,x"], "comma list of integers"),
-    (["--configs", "custom:7,13,1,99"], "depth D must be 0..20"),
-    (["--configs", "custom:7,13"], "four integers"),
-    (["--configs", "custom:2048,8192,64,20"], "too large to build"),
-    (["--configs", "opt9b"], "unknown config"),
-    (["--paths", "fast"], "--paths 'fast' is not allowed"),
-    (["--rep-ms", "-1"], "--rep-ms must be positive"),
-    (["--decode", "--decode-model", "gpt5"], "--decode-model 'gpt5'"),
-    (["--decode", "--decode-batches", "0"], "--decode-batches 0 is out of range"),
-    (["--placement", "middle"], "invalid choice"),
+    (["tokens=[0]"], "tokens: 0 is out of range"),
+    (["tokens=[1,x]"], "tokens takes integers"),
+    (["configs=[custom:7,13,1,99]"], "depth D must be 0..20"),
+    (["configs=[custom:7,13]"], "four integers"),
+    (["configs=[custom:2048,8192,64,20]"], "too large to build"),
+    (["configs=[opt9b]"], "unknown config"),
+    (["paths=[fast]"], "paths='fast' is not allowed"),
+    (["rep_ms=-1"], "rep_ms=-1 is not allowed"),
+    (["mode=decode", "decode.model=gpt5"], "decode.model='gpt5'"),
+    (["mode=decode", "decode.batches=[0]"], "decode.batches: 0 is out of range"),
+    (["placement=middle"], "placement='middle' is not allowed"),
+    (["tokens=1,16"], "give a list (tokens=[1,16])"),
+    (["--tokens", "3"], "did you mean tokens=3?"),
+    (["--decode"], "did you mean mode=decode?"),
+    (["decode.modle=tiny"], "did you mean decode.model"),
 ])
 def test_bench_refuses_bad_input_in_one_line(argv, message, tmp_path, capsys):
-    from treeffn.bench import main
+    from treeffn.cli.bench import main
 
-    with pytest.raises(SystemExit) if argv[0] == "--placement" else _no_raise():
-        rc = main(["--device", "cpu", *argv, "--out", str(tmp_path)])
-        assert rc == 2
+    assert main(["device=cpu", *argv, f"out={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    assert err.startswith("treeffn bench: error: ") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_bench_configs_mix_presets_and_custom():

@@ -1,4 +1,4 @@
-"""``treeffn bench --loss-curve N``: masked vs Triton training of one small tree LM, same seed.
+"""``treeffn bench mode=loss_curve``: masked vs Triton training of one small tree LM, same seed.
 
 A self-contained pre-LN decoder (torch only, so it runs wherever the kernels run, without the
 training stack's dependencies) trained four ways from one seed: masked bf16, triton bf16 (mode

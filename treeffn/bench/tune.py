@@ -1,4 +1,4 @@
-"""``treeffn bench --tune``: tile choices of the Triton kernels, each checked, then timed.
+"""``treeffn bench mode=tune``: tile choices of the Triton kernels, each checked, then timed.
 
 Kernels: route / combine / gcoef (the multi-launch path-only kernels) and decode (the one-launch
 inference kernel of triton_decode.py). Times are GPU-only medians (timing.py), a diagnostic for
