@@ -65,9 +65,7 @@ def remove_if_empty(folder: str) -> None:
 def quiet_library_logs() -> None:
     """Hydra's root handler would print every Lightning message twice; keep Lightning's own."""
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning's own use of a torch API
     logging.getLogger("lightning.pytorch").propagate = False
     logging.getLogger("lightning.fabric").propagate = False
     import os
