@@ -6,9 +6,6 @@ inputs, and every kernel output buffer is poisoned with NaN first so an unwritte
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,20 +15,17 @@ from treeffn.bench.parity import ACTIVATIONS, reference_tree
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# triton.jit reads TRITON_INTERPRET when a function is defined, Triton's own library included,
-# so without a GPU the flag must be set before the first `import triton` of the process. When
-# something (Lightning does) imported Triton earlier, these tests run in a fresh process instead.
-IN_SUBPROCESS = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not CUDA and not IN_SUBPROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU the kernels run in Triton's interpreter, which must be switched on before the
+# process first imports Triton: tests/conftest.py does that, before collection.
+INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (optional extra); kernel tests skipped")
+if not CUDA and not INTERPRETED:  # pragma: no cover - only when this file runs without tests/conftest.py
+    pytest.skip("no GPU and Triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)",
+                allow_module_level=True)
 
-if IN_SUBPROCESS:
-    tt = tc = None  # test_in_fresh_interpreter_process runs this file again in a new process
-else:
-    import treeffn.kernels.triton_common as tc
-    import treeffn.kernels.triton_tree as tt
+import treeffn.kernels.triton_common as tc  # noqa: E402
+import treeffn.kernels.triton_tree as tt  # noqa: E402
 
 
 def _probe():
@@ -45,27 +39,15 @@ def _probe():
     return None
 
 
-_broken = _probe() if tt is not None and not CUDA else None
+_broken = _probe() if not CUDA else None
 if _broken:  # pragma: no cover
     pytestmark = pytest.mark.skip(reason=f"Triton interpreter cannot run here ({_broken}); the GPU run covers this")
 
 
-@pytest.mark.skipif(not IN_SUBPROCESS, reason="kernel tests run in this process")
-def test_in_fresh_interpreter_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode in (0, 5), proc.stdout[-4000:] + proc.stderr[-2000:]
-
-
 @pytest.fixture(autouse=True)
-def _interpret_and_poison(request, monkeypatch):
-    if tt is None:
-        if request.node.name != "test_in_fresh_interpreter_process":
-            pytest.skip("Triton was imported before interpreter mode could be set; run in a fresh process")
-        return
+def _interpret_and_poison(monkeypatch):
     if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # conftest takes it out of the environment between tests
 
     def poisoned(*shape, dtype=None, device=None):
         t = torch.empty(*shape, dtype=dtype, device=device)
