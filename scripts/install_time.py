@@ -1,0 +1,84 @@
+"""Time the README's install in fresh clones: pip compiling file by file, against
+``pip install --no-compile`` plus scripts/compile_venv.py (issue 17). Writes a record.
+
+Each round clones the repository afresh for each variant (alternating which goes first),
+times the install command (wall, GNU-time style), notes the load average before and after
+(the machine is shared), then times one import of what ``treeffn train`` loads, twice, to
+show the .pyc files are there (PYTHONDONTWRITEBYTECODE=1 here: Python never writes them).
+
+    python3 scripts/install_time.py --rounds 3 --out results/setup/install_time.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "pip compiles (before)": "python3 -m venv .venv && .venv/bin/pip install -c constraints/cpu.txt -e .",
+    "--no-compile + compile_venv.py (after)": "python3 -m venv .venv && .venv/bin/pip install --no-compile "
+                                              "-c constraints/cpu.txt -e . && .venv/bin/python scripts/compile_venv.py",
+}
+IMPORTS = "import torch, lightning, transformers, datasets, wandb, hydra, treeffn.training.train, treeffn.cli.main"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def timed(command: str, cwd: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    if proc.returncode:
+        print(proc.stderr[-2000:], file=sys.stderr)
+    return time.perf_counter() - started, proc.returncode
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/treeffn-install-time")
+    args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    lines = [f"# Install time of the README's main-job install in fresh clones of {commit} "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}), {os.cpu_count()} cores, "
+             f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')}",
+             f"# command: python3 scripts/install_time.py --rounds {args.rounds} --out {args.out}",
+             f"# import check: .venv/bin/python -c '{IMPORTS}' (twice; the second with the files in the page cache)",
+             "variant | round | install s | exit | load avg before | load avg after | import s (1st, 2nd)"]
+    results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(1, args.rounds + 1):
+        order = list(VARIANTS) if r % 2 else list(reversed(VARIANTS))
+        for variant in order:
+            clone = Path(args.work) / "clone"
+            shutil.rmtree(clone, ignore_errors=True)
+            clone.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+            before = load()
+            seconds, code = timed(VARIANTS[variant], clone)
+            after = load()
+            imports = [timed(f".venv/bin/python -c '{IMPORTS}'", clone)[0] for _ in range(2)]
+            results[variant].append(seconds)
+            lines.append(f"{variant} | {r} | {seconds:.2f} | {code} | {before} | {after} | "
+                         f"{imports[0]:.2f}, {imports[1]:.2f}")
+            print(lines[-1], flush=True)
+    lines.append("# summary (install s): " + "; ".join(
+        f"{v}: min {min(s):.2f}, median {sorted(s)[len(s) // 2]:.2f}, max {max(s):.2f}" for v, s in results.items()))
+    for v in VARIANTS:
+        lines.append(f"# {v}: {VARIANTS[v]}")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(lines[-3])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
