@@ -2,7 +2,7 @@
 ``pip install --no-compile`` plus scripts/compile_venv.py (issue 17). Writes a record.
 
 Each round clones the repository afresh for each variant (alternating which goes first),
-times the install command (wall, GNU-time style), notes the load average before and after
+syncs the disk, times the install command step by step (wall), notes the load average before and after
 (the machine is shared), then times one import of what ``treeffn train`` loads, twice, to
 show the .pyc files are there (PYTHONDONTWRITEBYTECODE=1 here: Python never writes them).
 
@@ -41,6 +41,17 @@ def timed(command: str, cwd: Path) -> tuple[float, int]:
     return time.perf_counter() - started, proc.returncode
 
 
+def timed_steps(command: str, cwd: Path) -> tuple[float, int, list[float]]:
+    """The ``&&`` chain one step at a time (stopping at a failure): total, exit status, per step."""
+    steps = []
+    for step in command.split(" && "):
+        seconds, code = timed(step, cwd)
+        steps.append(seconds)
+        if code:
+            return sum(steps), code, steps
+    return sum(steps), 0, steps
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -54,7 +65,8 @@ def main() -> int:
              f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')}",
              f"# command: python3 scripts/install_time.py --rounds {args.rounds} --out {args.out}",
              f"# import check: .venv/bin/python -c '{IMPORTS}' (twice; the second with the files in the page cache)",
-             "variant | round | install s | exit | load avg before | load avg after | import s (1st, 2nd)"]
+             "variant | round | install s (per step of the && chain) | exit | load avg 1/5/15 min before | after | "
+             "import s (1st, 2nd)"]
     results: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(1, args.rounds + 1):
         order = list(VARIANTS) if r % 2 else list(reversed(VARIANTS))
@@ -63,13 +75,15 @@ def main() -> int:
             shutil.rmtree(clone, ignore_errors=True)
             clone.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+            subprocess.run(["sync"], check=True)  # the deleted clone's writes are not the next install's
+            time.sleep(5)
             before = load()
-            seconds, code = timed(VARIANTS[variant], clone)
+            seconds, code, steps = timed_steps(VARIANTS[variant], clone)
             after = load()
             imports = [timed(f".venv/bin/python -c '{IMPORTS}'", clone)[0] for _ in range(2)]
             results[variant].append(seconds)
-            lines.append(f"{variant} | {r} | {seconds:.2f} | {code} | {before} | {after} | "
-                         f"{imports[0]:.2f}, {imports[1]:.2f}")
+            lines.append(f"{variant} | {r} | {seconds:.2f} ({' + '.join(f'{s:.1f}' for s in steps)}) | {code} | "
+                         f"{before} | {after} | {imports[0]:.2f}, {imports[1]:.2f}")
             print(lines[-1], flush=True)
     lines.append("# summary (install s): " + "; ".join(
         f"{v}: min {min(s):.2f}, median {sorted(s)[len(s) // 2]:.2f}, max {max(s):.2f}" for v, s in results.items()))
