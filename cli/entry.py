@@ -215,11 +215,11 @@ def print_help(verb: str, description: str) -> None:
         print(f"keys, with their defaults (conf/{config_name}.yaml; ??? marks a required key):\n")
         print(text.rstrip())
         return
+    import textwrap
+
     from omegaconf import OmegaConf
 
-    from treeffn.cli.preflight import group_choices
-
-    import textwrap
+    from treeffn.config_files import group_choices
 
     print("presets (group=choice; conf/<group>/*.yaml, sweeps/<group>/*.yaml):")
     for group, choice in preset_groups().items():

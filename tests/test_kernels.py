@@ -285,6 +285,57 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     assert main(["device=cpu", "modes=[backward]", f"out={tmp_path}"]) == 2
 
 
+def test_bench_tune_measures_candidates_and_keeps_the_fixed_tiles(tmp_path, monkeypatch):
+    """`treeffn bench mode=tune`: each candidate tile is passed to its launcher for one call,
+    checked against the fixed tile's output and timed; the kernels' fixed tiles are unchanged."""
+    import json
+
+    from treeffn.cli.bench import main
+
+    import treeffn.bench.tune as tune
+    import treeffn.kernels.triton_decode as td
+
+    class OneCall:  # the interpreter is too slow for real timing; each candidate runs once more
+        def __init__(self, *a, **k):
+            pass
+
+        def gpu(self, fn):
+            fn()
+            return {"gpu_us": 1.0, "host_enqueue_us": 0.0}
+
+    monkeypatch.setattr(tune, "Timer", OneCall)
+    monkeypatch.setattr(tune, "TUNE_SPACE", {"route": [dict(SPEC=1, BT=1, BD=8)], "combine": [dict(BT=1, BE=4, BD=8)],
+                                             "gcoef": [dict(BT=1, BD=8)]})
+    monkeypatch.setattr(tune, "DECODE_SPACE", [dict(KB=2, SPEC=3, BD=8, num_warps=4)])
+    fixed = td.decode_config(2, 16, 2, 3)
+    assert main(["device=cpu", "mode=tune", "configs=[custom:16,64,2,2]", "tokens=[2]", f"out={tmp_path}"]) == 0
+    records = json.loads((tmp_path / "tune.json").read_text())["tune"]
+    assert {r["kernel"] for r in records} == {"route", "combine", "gcoef", "decode"}
+    assert all(r["ok"] and "error" not in r for r in records), records
+    assert [r["fixed"] for r in records if r["kernel"] == "decode"] == [fixed]
+    assert td.decode_config(2, 16, 2, 3) == fixed
+
+
+def test_loss_curve_model_forces_a_triton_mode_without_touching_module_state():
+    """The loss curve's forced-gather run calls tree_ffn_triton in mode gather: the same loss and
+    gradients as the masked path, and the kernels' auto crossover is left as it was."""
+    from treeffn.bench.loss_curve import TinyTreeLM
+
+    before = tt.GATHER_MAX_TOKENS
+    ids = torch.randint(0, 40, (2, 9))
+    losses, grads = {}, {}
+    for impl, mode in (("masked", "auto"), ("triton", "gather")):
+        torch.manual_seed(0)
+        model = TinyTreeLM(40, d=16, layers=1, heads=2, depth=2, trees=2, placement="node", impl=impl,
+                           triton_mode=mode).double()
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        losses[impl], grads[impl] = loss.item(), model.blocks[0]["ffn"].w_in.grad
+    assert losses["triton"] == pytest.approx(losses["masked"], rel=1e-9)
+    torch.testing.assert_close(grads["triton"], grads["masked"], rtol=1e-9, atol=1e-12)
+    assert tt.GATHER_MAX_TOKENS == before
+
+
 @pytest.mark.parametrize("argv, message", [
     (["tokens=[0]"], "tokens: 0 is out of range"),
     (["tokens=[1,x]"], "tokens takes integers"),
@@ -325,14 +376,6 @@ def decode_reference(x, w_in, b_in, w_out, trees, depth, placement, activation, 
     return y, path
 
 
-@pytest.fixture
-def decode_tiles():
-    import treeffn.kernels.triton_decode as td
-
-    yield td.CONFIG_OVERRIDES
-    td.CONFIG_OVERRIDES.clear()
-
-
 # (tokens, d, trees, depth, tile): K=1, D=0, odd d, trees not a multiple of KB, 64 tokens (the top of the range)
 DECODE_CASES = [
     (1, 9, 3, 3, dict(KB=1, SPEC=2, BD=8)), (5, 16, 2, 5, dict(KB=2, SPEC=3, BD=16)),
@@ -344,38 +387,37 @@ DECODE_CASES = [
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
 @pytest.mark.parametrize("placement", ["node", "post_sum"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_decode_kernel_float64_matches_reference(case, placement, gated, decode_tiles):
+def test_decode_kernel_float64_matches_reference(case, placement, gated):
     """Fresh random inputs: outputs within 1e-9 and every routing decision equal to float64's."""
     import treeffn.kernels.triton_decode as td
 
     T, d, trees, depth, tile = DECODE_CASES[case]
     if T > 8 and (gated or placement != "node"):
         pytest.skip("64 tokens once (the interpreter runs every program in turn)")
-    decode_tiles.update(tile)
     activation = list(ACTS)[(case + 2 * gated + (placement == "post_sum")) % len(ACTS)]
     bias = (case + gated) % 2 == 0
     w_in, b_in, w_out = make_params(d, depth, trees, bias)
     w_up = make_params(d, depth, trees, False)[0] if gated else None
     x = torch.randn(T, d, dtype=torch.float64, device=DEVICE)
-    y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=w_up)
+    y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=w_up, tile=tile)
     y_ref, path_ref = decode_reference(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
     assert torch.equal(path, path_ref)
     assert not torch.isnan(y).any()
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
 
 
-def test_decode_kernel_leaves_its_workspace_zero_and_repeats_exactly(decode_tiles):
+def test_decode_kernel_leaves_its_workspace_zero_and_repeats_exactly():
     """The last program of each token resets the accumulator row and the counter: a second call
     (a graph replay) starts clean and gives the same result."""
     import treeffn.kernels.triton_decode as td
 
-    decode_tiles.update(KB=2, SPEC=2, BD=8)
+    tile = dict(KB=2, SPEC=2, BD=8)
     w_in, b_in, w_out = make_params(10, 3, 5, True)
     x = torch.randn(6, 10, dtype=torch.float64, device=DEVICE)
-    first = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu")
+    first = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu", tile=tile)
     acc, cnt = td.workspace(x.device, torch.float64, 10, 6)
     assert acc.abs().max() == 0 and cnt.abs().max() == 0
-    second = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu")
+    second = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu", tile=tile)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 

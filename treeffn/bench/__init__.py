@@ -11,7 +11,8 @@ Modules, in the order a run uses them:
 * ``report``     its Markdown tables: bench.md;
 * ``decode``     ``mode=decode``: tokens/s of whole models through treeffn's decode loop, eager and
                  CUDA-graphed, and a per-kernel profile of one decode step: decode.json;
-* ``tune``       ``mode=tune``: tile sweeps of the Triton kernels (the decode kernel included);
+* ``tune``       ``mode=tune``: tile candidates of the Triton kernels timed against their fixed
+                 tiles (a measurement; nothing here changes the tiles the kernels run): tune.json;
 * ``loss_curve`` ``mode=loss_curve``: masked vs Triton training of a small LM, same seed.
 """
 

@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from treeffn.bench.problems import DTYPES, PATHS, TRITON_MODES, BenchInputError, parse_preset, split_configs
+from treeffn.bench.problems import (
+    DTYPES,
+    PATHS,
+    TRITON_MODES,
+    BenchInputError,
+    parse_preset,
+    split_configs,
+)
 
 MODES = ("layer", "decode", "tune", "loss_curve")
 TOKENS_GPU = (1, 16, 128, 2048, 16384)
@@ -152,9 +159,9 @@ def run_bench(cfg: dict) -> int:
         result = run_decode_bench(args)
         write_record(out_dir, "decode", result, decode_markdown(result))
         return 0
-    from treeffn.kernels import triton_available
     from treeffn.bench.layer import run_layer_bench
     from treeffn.bench.report import markdown
+    from treeffn.kernels import triton_available
 
     if not args.can_triton:
         print("# triton paths not run: " + ("Triton is not installed" if not triton_available()
