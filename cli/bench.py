@@ -15,9 +15,7 @@ FORMER_FLAGS = {"--decode": "mode=decode", "--tune": "mode=tune", "--loss-curve"
 
 def bench(cfg: dict) -> int:
     from treeffn.bench import run_bench
-    from treeffn.bench.problems import (
-        BenchInputError,  # imports torch: not before the work starts
-    )
+    from treeffn.bench.problems import BenchInputError  # imports torch: not before the work starts
 
     try:
         return run_bench(cfg)

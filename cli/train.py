@@ -6,11 +6,9 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from treeffn.cli.entry import refuse, resolved
 
-from treeffn.config_files import (
-    run_name,  # also this module's name (tests, older callers)
-)
+from treeffn.cli.entry import refuse, resolved
+from treeffn.config_files import run_name  # also this module's name (tests, older callers)
 
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2 stopped training after a checkpoint; rerun to continue
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) stopped training after a checkpoint (128 + SIGINT, as shells report it)

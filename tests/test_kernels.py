@@ -290,10 +290,9 @@ def test_bench_tune_measures_candidates_and_keeps_the_fixed_tiles(tmp_path, monk
     checked against the fixed tile's output and timed; the kernels' fixed tiles are unchanged."""
     import json
 
-    from treeffn.cli.bench import main
-
     import treeffn.bench.tune as tune
     import treeffn.kernels.triton_decode as td
+    from treeffn.cli.bench import main
 
     class OneCall:  # the interpreter is too slow for real timing; each candidate runs once more
         def __init__(self, *a, **k):

@@ -14,14 +14,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from treeffn.bench.problems import (
-    DTYPES,
-    PATHS,
-    TRITON_MODES,
-    BenchInputError,
-    parse_preset,
-    split_configs,
-)
+from treeffn.bench.problems import DTYPES, PATHS, TRITON_MODES, BenchInputError, parse_preset, split_configs
 
 MODES = ("layer", "decode", "tune", "loss_curve")
 TOKENS_GPU = (1, 16, 128, 2048, 16384)
