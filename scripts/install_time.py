@@ -1,6 +1,7 @@
-"""Time the README's main-job install in fresh clones: pip compiling file by file (the command
-before issue 17), against ``pip install --no-compile`` plus scripts/compile_venv.py (the
-README's command since). Writes a record.
+"""Time the README's main-job install in fresh clones: the command before issue 17 (Python's
+bundled pip, compiling file by file), against the README's command since (the venv made with
+``--upgrade-deps``, i.e. today's pip, then ``pip install --no-compile`` and
+scripts/compile_venv.py on every core). Writes a record.
 
 Each round clones the repository afresh for each variant (alternating which goes first),
 syncs the disk, times the install command step by step (wall, and the CPU time of the step's
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The second is the README's main-job install (without its last step, `.venv/bin/treeffn train`).
 VARIANTS = {
     "pip compiles (before)": "python3 -m venv .venv && .venv/bin/pip install -c constraints/cpu.txt -e .",
-    "--no-compile + compile_venv.py (after)": "python3 -m venv .venv && .venv/bin/pip install --no-compile "
+    "--no-compile + compile_venv.py (after)": "python3 -m venv --upgrade-deps .venv && .venv/bin/pip install --no-compile "
                                               "-c constraints/cpu.txt -e . && .venv/bin/python scripts/compile_venv.py",
 }
 IMPORTS = "import torch, lightning, transformers, datasets, wandb, hydra, treeffn.training.train, treeffn.cli.main"

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _readme_commands() -> list[str]:
-    return re.findall(r"^    (python3 -m venv \.venv && .*)$", (ROOT / "README.md").read_text(), re.MULTILINE)
+    return re.findall(r"^    (python3 -m venv .*)$", (ROOT / "README.md").read_text(), re.MULTILINE)
 
 
 def test_the_readme_main_job_install_is_what_install_time_measures():
@@ -23,6 +23,6 @@ def test_the_readme_main_job_install_is_what_install_time_measures():
 def test_ci_runs_the_readme_test_command():
     _, tests = _readme_commands()
     ci = (ROOT / ".ci" / "run").read_text()
+    ci_steps = [line.split("  #")[0].strip() for line in ci.splitlines()]
     for step in tests.split(" && "):
-        flags = step.replace(" install ", " install -q ", 1)  # CI's pip is quiet
-        assert flags in ci, step
+        assert step.replace(" install ", " install -q ", 1) in ci_steps, step  # CI's pip is quiet
