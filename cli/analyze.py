@@ -1,55 +1,33 @@
-"""``treeffn analyze run=<run dir> [text=validation|kjv] [max_blocks=256|all] [seed=0] [device=auto] [out=<dir>]``."""
+"""``treeffn analyze run=<run dir> [key=value ...]``: routing statistics of a run's checkpoints
+(settings: conf/analyze.yaml; the work is in treeffn.analysis.analyze)."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = ("usage: treeffn analyze run=<run dir> [text=validation|kjv] [max_blocks=256|all] [seed=0] [device=auto] "
-         "[out=<dir>]")
-KEYS = {"run", "text", "max_blocks", "seed", "device", "out"}
+from treeffn.cli.entry import BadInput, int_setting, path_setting, run_verb
 
 
-def parse(args: list[str]) -> dict:
-    opts = {"text": "validation", "max_blocks": "256", "seed": "0", "device": "auto", "out": None}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise SystemExit(f"treeffn analyze: error: {arg!r} is not an option; {USAGE}")
-        opts[key] = value
-    if not opts.get("run"):
-        raise SystemExit(f"treeffn analyze: error: run= is missing; {USAGE}")
-    if opts["max_blocks"] != "all" and (not opts["max_blocks"].isdigit() or int(opts["max_blocks"]) < 1):
-        raise SystemExit(f"treeffn analyze: error: max_blocks={opts['max_blocks']} must be an integer >= 1 or all")
-    if not opts["seed"].isdigit():
-        raise SystemExit(f"treeffn analyze: error: seed={opts['seed']} must be an integer >= 0")
-    if opts["device"] not in ("auto", "cpu", "cuda") and not opts["device"].startswith("cuda:"):
-        raise SystemExit(f"treeffn analyze: error: device={opts['device']} is not allowed; use auto, cpu, cuda or cuda:<i>")
-    return opts
-
-
-def main() -> None:
-    args = sys.argv[1:]
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return
-    opts = parse(args)
+def analyze(cfg: dict) -> int:
     from pathlib import Path
 
     from treeffn.analysis.analyze import NothingToAnalyse, analyse_run, format_verdicts
-    from treeffn.config import ConfigError
 
-    try:
+    run, out = path_setting(cfg, "run"), path_setting(cfg, "out")
+    max_blocks = None if cfg.get("max_blocks") == "all" else int_setting(cfg, "max_blocks", 1)
+    seed = int_setting(cfg, "seed", 0)
+    device = str(cfg.get("device"))
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise BadInput(f"device={device} is not allowed; use auto, cpu, cuda or cuda:<index>")
+    if device == "auto":
         import torch
 
-        device = opts["device"] if opts["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        max_blocks = None if opts["max_blocks"] == "all" else int(opts["max_blocks"])
-        analysis = analyse_run(Path(opts["run"]), opts["text"], max_blocks, opts["out"], device, int(opts["seed"]))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        analysis = analyse_run(Path(run), str(cfg["text"]), max_blocks, out, device, seed)
     except NothingToAnalyse as e:
         print(f"treeffn analyze: nothing to analyse: {e}")
-        return
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"treeffn analyze: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 0
     t = analysis["thresholds"]
     print(f"routing on {analysis['tokens']:,} held-out tokens ({analysis['text']}: {analysis['sample']}), hard "
           f"routing (eval path), {len(analysis['checkpoints'])} checkpoints")
@@ -62,9 +40,14 @@ def main() -> None:
         c = analysis["against_training"]
         print(f"against the run's last validation (same {c['tokens']:,} tokens): largest per-layer differences "
               f"dead nodes {c['max_abs_diff_dead_frac']:.2g}, leaf entropy {c['max_abs_diff_leaf_entropy']:.2g}")
-    out = Path(opts["out"]) if opts["out"] else Path(opts["run"]) / "analysis"
-    print(f"wrote {out / 'analysis.json'} and {', '.join(analysis['plots'])}")
+    folder = Path(out) if out else Path(run) / "analysis"
+    print(f"wrote {folder / 'analysis.json'} and {', '.join(analysis['plots'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_verb("analyze", analyze, sys.argv[1:] if argv is None else argv, errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,27 +1,23 @@
-"""Hydra entry point of ``treeffn eval``; the work is in treeffn.evaluation.runner."""
+"""``treeffn eval [key=value ...]``: perplexity and lm-eval tasks for a trained model (settings:
+conf/eval.yaml; the work is in treeffn.evaluation.runner)."""
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from treeffn.cli.entry import refuse, resolved
+from treeffn.cli.entry import run_verb
 
 
-@hydra.main(config_path="pkg://treeffn.conf", config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    from treeffn.config import ConfigError
+def evaluate(cfg: dict) -> int:
+    from treeffn.evaluation.runner import evaluate as run_evaluation
 
-    config = resolved(cfg, "eval")
-    try:
-        from treeffn.evaluation.runner import evaluate
+    run_evaluation(cfg)
+    return 0
 
-        record = evaluate(config)
-    except ConfigError as e:
-        refuse("eval", e)
-    validation = record["perplexity"].get("validation")
-    return validation["ppl"] if validation else None
+
+def main(argv: list[str] | None = None) -> int:
+    return run_verb("eval", evaluate, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,25 +1,23 @@
-"""Hydra entry point of ``treeffn generate``; the work is in treeffn.generation.runner."""
+"""``treeffn generate [key=value ...]``: text and tokens/s from a trained model (settings:
+conf/generate.yaml; the work is in treeffn.generation.runner)."""
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from treeffn.cli.entry import refuse, resolved
+from treeffn.cli.entry import run_verb
 
 
-@hydra.main(config_path="pkg://treeffn.conf", config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from treeffn.config import ConfigError
+def generate(cfg: dict) -> int:
+    from treeffn.generation.runner import generate_from_config
 
-    config = resolved(cfg, "generate")
-    try:
-        from treeffn.generation.runner import generate_from_config
+    generate_from_config(cfg)
+    return 0
 
-        generate_from_config(config)
-    except ConfigError as e:
-        refuse("generate", e)
+
+def main(argv: list[str] | None = None) -> int:
+    return run_verb("generate", generate, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -33,13 +33,23 @@ def check_overrides(args: list[str], config_name: str = "config", verb: str = "t
     from hydra.errors import HydraException
 
     try:  # Hydra's own flags (--cfg job, -m, --info ...) are parsed the way Hydra parses them
-        parsed = get_args_parser().parse_args(args)
+        parsed, unknown = get_args_parser().parse_known_args(args)
     except SystemExit:
         return  # let Hydra report its own usage error
+    flags = [a for a in unknown if a.startswith("-")]
+    if flags:
+        from treeffn.cli.entry import unknown_option
+
+        at = args.index(flags[0])
+        raise OverrideError(unknown_option(verb, flags[0], args[at + 1] if at + 1 < len(args) else None, {}))
+    for arg in parsed.overrides:
+        if "=" not in arg and not arg.startswith("~"):
+            raise OverrideError(f"{arg!r} is not key=value; `treeffn {verb} --help` lists the keys")
     try:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
     except HydraException as e:
         raise OverrideError(str(e).strip().splitlines()[0]) from None
+    training = config_name == "config"  # train and prepare: presets, + additions, sweeps, a run dir
     first_choices: list[str] = []
     keys: list = []
     for o in overrides:
@@ -49,7 +59,8 @@ def check_overrides(args: list[str], config_name: str = "config", verb: str = "t
                                 f"or leave it out")
         if o.is_sweep_override():
             if verb != "train":
-                raise OverrideError(f"{o.input_line}: Hydra reads the commas as a list of runs; quote the value "
+                raise OverrideError(f"{o.input_line}: Hydra reads the commas as a list of runs, and treeffn {verb} "
+                                    f"runs once; give a list ({key}=[{o.input_line.split('=', 1)[1]}]) or quote the value "
                                     f"('{key}=\"...\"')")
             if not parsed.multirun:
                 raise OverrideError(f"{o.input_line} gives several values; add -m to run one job per value "
@@ -59,7 +70,7 @@ def check_overrides(args: list[str], config_name: str = "config", verb: str = "t
                 raise OverrideError(f"{o.input_line} sweeps over no values, so no job would run; give at least one")
         if key.startswith("hydra") or o.is_delete():
             continue
-        choices = group_choices(key)
+        choices = group_choices(key) if training else []
         if choices:
             values = _sweep_values(o) if o.is_sweep_override() else [o.get_value_element_as_str()]
             for value in values or []:
@@ -68,11 +79,14 @@ def check_overrides(args: list[str], config_name: str = "config", verb: str = "t
             first_choices.append(f"{key}={values[0]}" if values else o.input_line)
         else:
             keys.append(o)
-    if keys:
+    if keys and not training:
+        check_verb_keys(keys, config_name, verb)
+    elif keys:
         check_keys(keys, first_choices, config_name, verb)
     if parsed.multirun:
         check_sweep_values(overrides)
-    check_run_dir_writable(overrides, parsed.multirun)
+    if verb == "train":
+        check_run_dir_writable(overrides, parsed.multirun)
 
 
 def _sweep_values(o) -> list[str] | None:
@@ -119,6 +133,24 @@ def check_keys(overrides: list, first_choices: list[str], config_name: str, verb
             continue  # a new top-level annotation: stored in config.yaml and part of the run's identity
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; `treeffn {verb} --cfg job` lists the keys"
         raise OverrideError(f"{key} is not a config key{hint}" + ("" if adding else f" (add a new key with +{key}=...)"))
+
+
+def check_verb_keys(overrides: list, config_name: str, verb: str) -> None:
+    """A verb other than train reads exactly the keys of conf/<verb>.yaml: any other key, added
+    with + or not, would be ignored."""
+    from omegaconf import OmegaConf
+
+    cfg, _ = _compose(config_name, [])
+    known = sorted(_all_keys(OmegaConf.to_container(cfg, resolve=False)))
+    for o in overrides:
+        key = o.key_or_group
+        if key in known:
+            if o.is_add():
+                raise OverrideError(f"+{key}: {key} is already a key of treeffn {verb}; set it without the +: {key}=...")
+            continue
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"`treeffn {verb} --help` lists the keys"
+        raise OverrideError(f"{key} is not a key of treeffn {verb} (conf/{config_name}.yaml); {hint}")
 
 
 def _compose(config_name: str, overrides: list[str]):

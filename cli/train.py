@@ -7,10 +7,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from treeffn.cli.entry import refuse, resolved
 from treeffn.config_files import gpu_of_job, run_name  # run_name: also this module's name (tests, older callers)
 
-
-EXIT_BAD_INPUT = 2  # bad input or storage that refuses writes; one line names it; nothing is lost
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2 stopped training after a checkpoint; rerun to continue
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) stopped training after a checkpoint (128 + SIGINT, as shells report it)
 
@@ -27,11 +26,7 @@ def main(cfg: DictConfig) -> float | None:
 
     from treeffn.config import ConfigError
 
-    try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # interpolation and missing-value errors: one line
-        print(f"treeffn train: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    config = resolved(cfg, "train")  # interpolation and missing-value errors: one line, exit 2
     run_dir = HydraConfig.get().runtime.output_dir
     quiet_library_logs()
     from treeffn.training.train import Preempted, train
@@ -40,11 +35,10 @@ def main(cfg: DictConfig) -> float | None:
     command = {"argv": sys.argv[1:], "overrides": list(hydra_cfg.overrides.task),
                "job_num": OmegaConf.select(hydra_cfg, "job.num")}
     try:
-        result = train(resolved, run_dir, command=command)
+        result = train(config, run_dir, command=command)
     except ConfigError as e:
-        print(f"treeffn train: error: {e}", file=sys.stderr)
         remove_if_empty(run_dir)  # Hydra made the folder; a refused command leaves nothing behind
-        sys.exit(EXIT_BAD_INPUT)
+        refuse("train", e)
     except Preempted as e:
         from treeffn.training.reliability import pass_on_signal
 
@@ -73,9 +67,7 @@ def remove_if_empty(folder: str) -> None:
 def quiet_library_logs() -> None:
     """Hydra's root handler would print every Lightning message twice; keep Lightning's own."""
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning's own use of a torch API
     logging.getLogger("lightning.pytorch").propagate = False
     logging.getLogger("lightning.fabric").propagate = False
     import os

@@ -9,6 +9,28 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton's interpreter (TRITON_INTERPRET=1) runs the kernel tests without a GPU. Triton reads the
+# flag when a kernel is defined, its own library's included, so it must be set before the first
+# `import triton` of the process, and collecting almost any test module imports Triton (through
+# Lightning or transformers). So it is set here, before collection; the session fixture below takes
+# it out of the environment again while the tests run (tree.impl=triton must still be refused on a
+# CPU, and the CLI processes tests start must not inherit it), and tests/test_kernels.py sets it
+# for each of its own tests. Importing torch does not import Triton.
+import torch  # noqa: E402
+
+INTERPRETER_SET_HERE = not torch.cuda.is_available() and "triton" not in sys.modules and \
+    os.environ.get("TRITON_INTERPRET") is None
+if INTERPRETER_SET_HERE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _interpreter_only_for_the_kernel_tests():
+    if INTERPRETER_SET_HERE:
+        os.environ.pop("TRITON_INTERPRET", None)
+    yield
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs one worker per core (pyproject addopts): one thread each, for the worker
     # and the CLI processes it starts, instead of every process spreading over every core.

@@ -241,12 +241,11 @@ def test_cli_generate_bad_input_exits_2(tmp_path):
 
 
 def test_bench_decode_mode_on_cpu(tmp_path):
-    """`treeffn bench --decode` end to end at a toy size: both models, medians, ratios, JSON and Markdown."""
-    from treeffn.bench import main
+    """`treeffn bench mode=decode` end to end at a toy size: both models, medians, ratios, JSON and Markdown."""
+    from treeffn.cli.bench import main
 
-    rc = main(["--device", "cpu", "--decode", "--decode-model", "tiny", "--decode-layers", "1",
-               "--decode-batches", "1,2", "--decode-prompt", "3", "--decode-new", "4", "--decode-rounds", "2",
-               "--decode-depth", "3", "--out", str(tmp_path)])
+    rc = main(["device=cpu", "mode=decode", "decode.model=tiny", "decode.layers=1", "decode.batches=[1,2]",
+               "decode.prompt=3", "decode.new=4", "decode.rounds=2", "decode.depth=3", f"out={tmp_path}"])
     assert rc == 0
     result = json.loads((tmp_path / "decode.json").read_text())
     recs = result["decode"]

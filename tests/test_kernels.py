@@ -6,9 +6,6 @@ inputs, and every kernel output buffer is poisoned with NaN first so an unwritte
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,20 +15,17 @@ from treeffn.bench.parity import ACTIVATIONS, reference_tree
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# triton.jit reads TRITON_INTERPRET when a function is defined, Triton's own library included,
-# so without a GPU the flag must be set before the first `import triton` of the process. When
-# something (Lightning does) imported Triton earlier, these tests run in a fresh process instead.
-IN_SUBPROCESS = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not CUDA and not IN_SUBPROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU the kernels run in Triton's interpreter, which must be switched on before the
+# process first imports Triton: tests/conftest.py does that, before collection.
+INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (optional extra); kernel tests skipped")
+if not CUDA and not INTERPRETED:  # pragma: no cover - only when this file runs without tests/conftest.py
+    pytest.skip("no GPU and Triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)",
+                allow_module_level=True)
 
-if IN_SUBPROCESS:
-    tt = tc = None  # test_in_fresh_interpreter_process runs this file again in a new process
-else:
-    import treeffn.kernels.triton_common as tc
-    import treeffn.kernels.triton_tree as tt
+import treeffn.kernels.triton_common as tc  # noqa: E402
+import treeffn.kernels.triton_tree as tt  # noqa: E402
 
 
 def _probe():
@@ -45,27 +39,15 @@ def _probe():
     return None
 
 
-_broken = _probe() if tt is not None and not CUDA else None
+_broken = _probe() if not CUDA else None
 if _broken:  # pragma: no cover
     pytestmark = pytest.mark.skip(reason=f"Triton interpreter cannot run here ({_broken}); the GPU run covers this")
 
 
-@pytest.mark.skipif(not IN_SUBPROCESS, reason="kernel tests run in this process")
-def test_in_fresh_interpreter_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode in (0, 5), proc.stdout[-4000:] + proc.stderr[-2000:]
-
-
 @pytest.fixture(autouse=True)
-def _interpret_and_poison(request, monkeypatch):
-    if tt is None:
-        if request.node.name != "test_in_fresh_interpreter_process":
-            pytest.skip("Triton was imported before interpreter mode could be set; run in a fresh process")
-        return
+def _interpret_and_poison(monkeypatch):
     if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # conftest takes it out of the environment between tests
 
     def poisoned(*shape, dtype=None, device=None):
         t = torch.empty(*shape, dtype=dtype, device=device)
@@ -285,10 +267,10 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     """`treeffn bench` end to end at a toy size: checks pass, both timings per call, JSON and Markdown written."""
     import json
 
-    from treeffn.bench import main
+    from treeffn.cli.bench import main
 
-    rc = main(["--device", "cpu", "--configs", "custom:16,64,2,2", "--tokens", "3", "--paths", "dense,masked,gather",
-               "--rep-ms", "1", "--out", str(tmp_path)])
+    rc = main(["device=cpu", "configs=[custom:16,64,2,2]", "tokens=[3]", "paths=[dense,masked,gather]",
+               "rep_ms=1", f"out={tmp_path}"])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     timed = [r for r in result["rows"] if "loop_us" in r]
@@ -300,39 +282,84 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     md = (tmp_path / "bench.md").read_text()
     assert "| custom:16,64,2,2 | 3 |" in md and "loop µs per call, host included" in md and "GPU-only" in md
     assert "custom:16,64,2,2" in capsys.readouterr().out
-    assert main(["--device", "cpu", "--modes", "backward", "--out", str(tmp_path)]) == 2
+    assert main(["device=cpu", "modes=[backward]", f"out={tmp_path}"]) == 2
+
+
+def test_bench_tune_measures_candidates_and_keeps_the_fixed_tiles(tmp_path, monkeypatch):
+    """`treeffn bench mode=tune`: each candidate tile is passed to its launcher for one call,
+    checked against the fixed tile's output and timed; the kernels' fixed tiles are unchanged."""
+    import json
+
+    import treeffn.bench.tune as tune
+    import treeffn.kernels.triton_decode as td
+    from treeffn.cli.bench import main
+
+    class OneCall:  # the interpreter is too slow for real timing; each candidate runs once more
+        def __init__(self, *a, **k):
+            pass
+
+        def gpu(self, fn):
+            fn()
+            return {"gpu_us": 1.0, "host_enqueue_us": 0.0}
+
+    monkeypatch.setattr(tune, "Timer", OneCall)
+    monkeypatch.setattr(tune, "TUNE_SPACE", {"route": [dict(SPEC=1, BT=1, BD=8)], "combine": [dict(BT=1, BE=4, BD=8)],
+                                             "gcoef": [dict(BT=1, BD=8)]})
+    monkeypatch.setattr(tune, "DECODE_SPACE", [dict(KB=2, SPEC=3, BD=8, num_warps=4)])
+    fixed = td.decode_config(2, 16, 2, 3)
+    assert main(["device=cpu", "mode=tune", "configs=[custom:16,64,2,2]", "tokens=[2]", f"out={tmp_path}"]) == 0
+    records = json.loads((tmp_path / "tune.json").read_text())["tune"]
+    assert {r["kernel"] for r in records} == {"route", "combine", "gcoef", "decode"}
+    assert all(r["ok"] and "error" not in r for r in records), records
+    assert [r["fixed"] for r in records if r["kernel"] == "decode"] == [fixed]
+    assert td.decode_config(2, 16, 2, 3) == fixed
+
+
+def test_loss_curve_model_forces_a_triton_mode_without_touching_module_state():
+    """The loss curve's forced-gather run calls tree_ffn_triton in mode gather: the same loss and
+    gradients as the masked path, and the kernels' auto crossover is left as it was."""
+    from treeffn.bench.loss_curve import TinyTreeLM
+
+    before = tt.GATHER_MAX_TOKENS
+    ids = torch.randint(0, 40, (2, 9))
+    losses, grads = {}, {}
+    for impl, mode in (("masked", "auto"), ("triton", "gather")):
+        torch.manual_seed(0)
+        model = TinyTreeLM(40, d=16, layers=1, heads=2, depth=2, trees=2, placement="node", impl=impl,
+                           triton_mode=mode).double()
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        losses[impl], grads[impl] = loss.item(), model.blocks[0]["ffn"].w_in.grad
+    assert losses["triton"] == pytest.approx(losses["masked"], rel=1e-9)
+    torch.testing.assert_close(grads["triton"], grads["masked"], rtol=1e-9, atol=1e-12)
+    assert tt.GATHER_MAX_TOKENS == before
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tokens", "0"], "--tokens 0 is out of range"),
-    (["--tokens", "1,x"], "comma list of integers"),
-    (["--configs", "custom:7,13,1,99"], "depth D must be 0..20"),
-    (["--configs", "custom:7,13"], "four integers"),
-    (["--configs", "custom:2048,8192,64,20"], "too large to build"),
-    (["--configs", "opt9b"], "unknown config"),
-    (["--paths", "fast"], "--paths 'fast' is not allowed"),
-    (["--rep-ms", "-1"], "--rep-ms must be positive"),
-    (["--decode", "--decode-model", "gpt5"], "--decode-model 'gpt5'"),
-    (["--decode", "--decode-batches", "0"], "--decode-batches 0 is out of range"),
-    (["--placement", "middle"], "invalid choice"),
+    (["tokens=[0]"], "tokens: 0 is out of range"),
+    (["tokens=[1,x]"], "tokens takes integers"),
+    (["configs=[custom:7,13,1,99]"], "depth D must be 0..20"),
+    (["configs=[custom:7,13]"], "four integers"),
+    (["configs=[custom:2048,8192,64,20]"], "too large to build"),
+    (["configs=[opt9b]"], "unknown config"),
+    (["paths=[fast]"], "paths='fast' is not allowed"),
+    (["rep_ms=-1"], "rep_ms=-1 is not allowed"),
+    (["mode=decode", "decode.model=gpt5"], "decode.model='gpt5'"),
+    (["mode=decode", "decode.batches=[0]"], "decode.batches: 0 is out of range"),
+    (["placement=middle"], "placement='middle' is not allowed"),
+    (["tokens=1,16"], "give a list (tokens=[1,16])"),
+    (["--tokens", "3"], "did you mean tokens=3?"),
+    (["--decode"], "did you mean mode=decode?"),
+    (["decode.modle=tiny"], "did you mean decode.model"),
 ])
 def test_bench_refuses_bad_input_in_one_line(argv, message, tmp_path, capsys):
-    from treeffn.bench import main
+    from treeffn.cli.bench import main
 
-    with pytest.raises(SystemExit) if argv[0] == "--placement" else _no_raise():
-        rc = main(["--device", "cpu", *argv, "--out", str(tmp_path)])
-        assert rc == 2
+    assert main(["device=cpu", *argv, f"out={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    assert err.startswith("treeffn bench: error: ") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_bench_configs_mix_presets_and_custom():
@@ -348,14 +375,6 @@ def decode_reference(x, w_in, b_in, w_out, trees, depth, placement, activation, 
     return y, path
 
 
-@pytest.fixture
-def decode_tiles():
-    import treeffn.kernels.triton_decode as td
-
-    yield td.CONFIG_OVERRIDES
-    td.CONFIG_OVERRIDES.clear()
-
-
 # (tokens, d, trees, depth, tile): K=1, D=0, odd d, trees not a multiple of KB, 64 tokens (the top of the range)
 DECODE_CASES = [
     (1, 9, 3, 3, dict(KB=1, SPEC=2, BD=8)), (5, 16, 2, 5, dict(KB=2, SPEC=3, BD=16)),
@@ -367,38 +386,37 @@ DECODE_CASES = [
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
 @pytest.mark.parametrize("placement", ["node", "post_sum"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_decode_kernel_float64_matches_reference(case, placement, gated, decode_tiles):
+def test_decode_kernel_float64_matches_reference(case, placement, gated):
     """Fresh random inputs: outputs within 1e-9 and every routing decision equal to float64's."""
     import treeffn.kernels.triton_decode as td
 
     T, d, trees, depth, tile = DECODE_CASES[case]
     if T > 8 and (gated or placement != "node"):
         pytest.skip("64 tokens once (the interpreter runs every program in turn)")
-    decode_tiles.update(tile)
     activation = list(ACTS)[(case + 2 * gated + (placement == "post_sum")) % len(ACTS)]
     bias = (case + gated) % 2 == 0
     w_in, b_in, w_out = make_params(d, depth, trees, bias)
     w_up = make_params(d, depth, trees, False)[0] if gated else None
     x = torch.randn(T, d, dtype=torch.float64, device=DEVICE)
-    y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=w_up)
+    y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=w_up, tile=tile)
     y_ref, path_ref = decode_reference(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
     assert torch.equal(path, path_ref)
     assert not torch.isnan(y).any()
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
 
 
-def test_decode_kernel_leaves_its_workspace_zero_and_repeats_exactly(decode_tiles):
+def test_decode_kernel_leaves_its_workspace_zero_and_repeats_exactly():
     """The last program of each token resets the accumulator row and the counter: a second call
     (a graph replay) starts clean and gives the same result."""
     import treeffn.kernels.triton_decode as td
 
-    decode_tiles.update(KB=2, SPEC=2, BD=8)
+    tile = dict(KB=2, SPEC=2, BD=8)
     w_in, b_in, w_out = make_params(10, 3, 5, True)
     x = torch.randn(6, 10, dtype=torch.float64, device=DEVICE)
-    first = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu")
+    first = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu", tile=tile)
     acc, cnt = td.workspace(x.device, torch.float64, 10, 6)
     assert acc.abs().max() == 0 and cnt.abs().max() == 0
-    second = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu")
+    second = td.tree_decode(x, w_in, b_in, w_out, 5, 3, "post_sum", "gelu", tile=tile)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 

@@ -131,7 +131,12 @@ def test_prune_command_bad_input_is_one_line(tmp_path, capsys):
     assert main([f"run={tmp_path / 'missing'}"]) == 2
     assert capsys.readouterr().err.strip() == f"treeffn prune: error: run={tmp_path / 'missing'}: no such run dir"
     assert main(["depth=3"]) == 2
-    assert "depth is not a prune setting" in capsys.readouterr().err
+    assert "depth is not a key of treeffn prune" in capsys.readouterr().err
+    assert main(["min_visit=3"]) == 2
+    assert "did you mean min_visits?" in capsys.readouterr().err
+    assert main(["out=x"]) == 2
+    assert capsys.readouterr().err.strip() == ("treeffn prune: error: run is required: give run=... "
+                                               "(`treeffn prune --help` lists the keys)")
     assert main(["run=x", "min_visits=two"]) == 2
     assert "min_visits='two' is not allowed" in capsys.readouterr().err
 

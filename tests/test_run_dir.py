@@ -178,13 +178,14 @@ def test_a_printed_run_dir_reaches_every_verb_as_one_path(given):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    for verb in ("eval", "train"):
-        key = "run" if verb == "eval" else "hydra.run.dir"
+    for verb, key in (("eval", "run"), ("train", "hydra.run.dir"), ("prune", "run"), ("analyze", "run"),
+                      ("generate", "run"), ("report", "sweep"), ("bench", "out")):
         (arg,) = path_arguments(verb, [f"{key}={given}"])
         assert parser.parse_overrides([arg])[0].value() == PRINTED
-    for verb in ("prune", "analyze"):
-        assert path_arguments(verb, [f"run={given}"]) == [f"run={PRINTED}"]
+    # only train runs sweeps: a path with commas is one path for every other verb
     assert path_arguments("train", ["seed=0,1", "data.path=a.txt,b.txt"]) == ["seed=0,1", "data.path=a.txt,b.txt"]
+    (arg,) = path_arguments("analyze", ["run=runs/a,b"])
+    assert parser.parse_overrides([arg])[0].value() == "runs/a,b"
 
 
 def test_storage_error_finds_the_os_error_behind_a_wrapped_one():

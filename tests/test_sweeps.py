@@ -264,7 +264,7 @@ def test_report_cli_errors_are_one_line(tmp_path):
     out = run_cli(["report", "sweep=" + str(tmp_path)], cwd=tmp_path)
     assert out.returncode == 2 and "not a sweep dir" in out.stderr
     out = run_cli(["report", "table=1"], cwd=tmp_path)
-    assert out.returncode == 2 and "not an argument of treeffn report" in out.stderr
+    assert out.returncode == 2 and "table is not a key of treeffn report" in out.stderr
 
 
 # ------------------------------------------------------------------------------ a real smoke sweep

@@ -86,3 +86,53 @@ def test_tree_lr_scale_gives_the_tree_layers_their_own_learning_rate(cache_dir):
     # the default: the two groups of before (decay, no decay), one learning rate
     plain = CausalLMModule(model, make_cfg(cache_dir, "tree.depth=2")["optim"], max_steps=10)
     assert len(plain.configure_optimizers()["optimizer"].param_groups) == 2
+
+
+# ------------------------------------------------------------------------------ the progress bar
+@pytest.mark.parametrize("accumulate, resume_at", [(1, 0), (2, 0), (1, 4)])
+def test_the_progress_bar_counts_optimizer_steps_to_max_steps_over_epochs(tmp_path, accumulate, resume_at):
+    """One bar, "training steps", total trainer.max_steps, advanced by optimizer steps: 3 batches
+    an epoch, so 7 steps span several epochs (Lightning's own bar restarted at each and read
+    "Epoch 0/-2"); with gradient accumulation it still ends at 7 of 7; a resumed run starts at its step."""
+    import lightning as L
+    import torch
+
+    from treeffn.training.progress import StepProgressBar
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.w(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(3, 2)), batch_size=1)
+    ckpt = None
+    if resume_at:
+        first = L.Trainer(max_steps=resume_at, max_epochs=-1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        first.fit(Tiny(), data)
+        first.save_checkpoint(ckpt := tmp_path / "resume.ckpt")
+    bar = StepProgressBar(leave=True)
+    trainer = L.Trainer(max_steps=7, max_epochs=-1, accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, callbacks=[bar], enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    seen = []
+    original = bar._update
+
+    def record(task_id, current, **kwargs):
+        if task_id == bar.train_progress_bar_id:
+            seen.append(current)
+        original(task_id, current, **kwargs)
+
+    bar._update = record
+    trainer.fit(Tiny(), data, ckpt_path=ckpt)
+    tasks = [t for t in bar.progress.tasks if "training steps" in t.description]
+    assert len(tasks) == 1, [t.description for t in bar.progress.tasks]
+    assert tasks[0].total == 7 and tasks[0].completed == 7
+    assert trainer.current_epoch >= 2 * accumulate  # several passes over the 3 batches, one bar
+    assert seen[0] == resume_at + (1 if accumulate == 1 else 0) and seen[-1] == 7 and seen == sorted(seen)

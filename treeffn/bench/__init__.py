@@ -2,18 +2,20 @@
 
 Modules, in the order a run uses them:
 
-* ``cli``        options, their one-line checks (exit 2), dispatch to a mode;
+* ``cli``        conf/bench.yaml's settings, their one-line checks, dispatch to a mode
+                 (the command line itself is cli/bench.py, as for every verb);
 * ``problems``   presets, the paths under test, their float64 checks (outputs and routing);
 * ``timing``     the two figures per call: host-inclusive loop time (the headline) and GPU-only
                  time (a diagnostic), the machine's ceilings, the run's environment;
 * ``layer``      the layer benchmark (default mode): bench.json;
 * ``report``     its Markdown tables: bench.md;
-* ``decode``     ``--decode``: tokens/s of whole models through treeffn's decode loop, eager and
+* ``decode``     ``mode=decode``: tokens/s of whole models through treeffn's decode loop, eager and
                  CUDA-graphed, and a per-kernel profile of one decode step: decode.json;
-* ``tune``       ``--tune``: tile sweeps of the Triton kernels (the decode kernel included);
-* ``loss_curve`` ``--loss-curve N``: masked vs Triton training of a small LM, same seed.
+* ``tune``       ``mode=tune``: tile candidates of the Triton kernels timed against their fixed
+                 tiles (a measurement; nothing here changes the tiles the kernels run): tune.json;
+* ``loss_curve`` ``mode=loss_curve``: masked vs Triton training of a small LM, same seed.
 """
 
-from treeffn.bench.cli import build_parser, main
+from treeffn.bench.cli import bench_args, run_bench
 
-__all__ = ["build_parser", "main"]
+__all__ = ["bench_args", "run_bench"]

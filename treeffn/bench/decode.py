@@ -1,4 +1,4 @@
-"""``treeffn bench --decode``: tokens/s of whole models through treeffn's decode loop.
+"""``treeffn bench mode=decode``: tokens/s of whole models through treeffn's decode loop.
 
 Dense and tree versions of one preset (random init, no download), built on the device in the
 chosen dtype, decode the same random prompts through ``treeffn.generation.DecodeLoop`` — the
@@ -173,7 +173,7 @@ def profile_step(loop, steps: int = 3, top: int = 25) -> dict:
 
 
 def run_decode_bench(args) -> dict:
-    """The ``--decode`` mode: dense vs tree of one preset, batches, eager and graphed."""
+    """The ``mode=decode`` run: dense vs tree of one preset, batches, eager and graphed."""
     from treeffn.bench.problems import DTYPES
     from treeffn.bench.timing import environment
 
@@ -196,7 +196,7 @@ def run_decode_bench(args) -> dict:
 
 def decode_markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# treeffn bench --decode — {env['date']}", "",
+    lines = [f"# treeffn bench mode=decode — {env['date']}", "",
              f"- device: {env['device_name']}; torch {env['torch']}; triton {env['triton']}; "
              f"transformers {env.get('transformers')}; load average {env.get('load_average_1_5_15')}",
              f"- command: `{env['command']}`",

@@ -1,4 +1,4 @@
-"""``treeffn bench --loss-curve N``: masked vs Triton training of one small tree LM, same seed.
+"""``treeffn bench mode=loss_curve``: masked vs Triton training of one small tree LM, same seed.
 
 A self-contained pre-LN decoder (torch only, so it runs wherever the kernels run, without the
 training stack's dependencies) trained four ways from one seed: masked bf16, triton bf16 (mode
@@ -14,15 +14,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+
 class TinyTreeLM(torch.nn.Module):
     """A small pre-LN decoder whose MLPs are TreeFFN layers: self-contained (torch only), so the
     comparison runs wherever the kernels run, without the training stack's dependencies."""
 
-    def __init__(self, vocab, d, layers, heads, depth, trees, placement, impl):
+    def __init__(self, vocab, d, layers, heads, depth, trees, placement, impl, triton_mode="auto"):
         from treeffn.layers import TreeFFN
 
         super().__init__()
-        self.heads = heads
+        self.heads, self.triton_mode = heads, triton_mode
         self.embed = torch.nn.Embedding(vocab, d)
         self.pos = torch.nn.Embedding(1024, d)
         self.blocks = torch.nn.ModuleList()
@@ -45,8 +46,18 @@ class TinyTreeLM(torch.nn.Module):
             q, k, v = blk["qkv"](blk["ln1"](h)).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, -1)
             h = h + blk["proj"](a)
-            h = h + blk["ffn"](blk["ln2"](h))
+            h = h + self._ffn(blk["ffn"], blk["ln2"](h))
         return F.linear(self.ln(h), self.embed.weight)
+
+    def _ffn(self, ffn, x):
+        """The tree layer; with a Triton mode other than auto, tree_ffn_triton in that mode."""
+        if self.triton_mode == "auto":
+            return ffn(x)
+        from treeffn.kernels import tree_ffn_triton
+
+        y, _ = tree_ffn_triton(x.reshape(-1, x.shape[-1]), ffn.w_in, ffn.b_in, ffn.w_out, ffn.trees, ffn.depth,
+                               ffn.placement, ffn.activation, mode=self.triton_mode)
+        return y.view(x.shape)
 
 
 def run_loss_curve(args) -> dict:
@@ -68,16 +79,13 @@ def run_loss_curve(args) -> dict:
     blocks = ids[: n_blocks * (block + 1)].view(n_blocks, block + 1)
     shape = dict(d=256, layers=4, heads=4, depth=5, trees=16)  # 16 x 63 = 1008 nodes ~ ffn 1024
     curves = {}
-    from treeffn.kernels import triton_tree as tt
-
-    auto_max = tt.GATHER_MAX_TOKENS
     for label, impl, bf16 in (("masked-bf16", "masked", True), ("triton-bf16", "triton", True),
                               ("triton-gather-bf16", "triton", True), ("masked-fp32", "masked", False)):
         # triton-bf16 runs mode auto (the GEMM form at this batch); triton-gather forces the
         # path-only kernels in forward and backward.
-        tt.GATHER_MAX_TOKENS = 1 << 40 if label == "triton-gather-bf16" else auto_max
         torch.manual_seed(args.seed)
-        model = TinyTreeLM(tok.get_vocab_size(), placement=args.placement, impl=impl, **shape).to(device)
+        model = TinyTreeLM(tok.get_vocab_size(), placement=args.placement, impl=impl, **shape,
+                           triton_mode="gather" if label == "triton-gather-bf16" else "auto").to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
         gen = torch.Generator().manual_seed(args.seed)
         losses = []
@@ -95,7 +103,6 @@ def run_loss_curve(args) -> dict:
         curves[label] = {"losses": losses, "wall_s": time.perf_counter() - t0}
         print(f"{label}: first {losses[0]:.4f}  last {losses[-1]:.4f}  ({curves[label]['wall_s']:.1f} s)", flush=True)
         del model, opt
-    tt.GATHER_MAX_TOKENS = auto_max
     a, b, c = (curves[k]["losses"] for k in ("masked-bf16", "triton-bf16", "masked-fp32"))
     g = curves["triton-gather-bf16"]["losses"]
     tail = max(1, len(a) // 5)

@@ -35,7 +35,7 @@ def _params(T, d, trees, depth, bias, gated, device, gen):
 def decode_parity(device, shapes: list[tuple[int, int, int, int]], tiles: list[dict] | None = None,
                   seed: int = 0, tol: float = 1e-9, exhaustive: bool = False) -> list[dict]:
     """Float64 checks of tree_decode. ``shapes``: (tokens, d, trees, depth). Each shape runs with
-    every tile in ``tiles`` (None: the default choice); placements x gated x bias are cycled over
+    every tile in ``tiles`` (None: the fixed choice); placements x gated x bias are cycled over
     the shapes (all combinations when ``exhaustive``), activations cycled through all six."""
     from treeffn.kernels import triton_decode as td
 
@@ -43,34 +43,28 @@ def decode_parity(device, shapes: list[tuple[int, int, int, int]], tiles: list[d
     combos = list(itertools.product(("node", "post_sum"), (False, True), (True, False)))
     acts = list(ACTIVATIONS)
     out = []
-    saved = dict(td.CONFIG_OVERRIDES)
-    try:
-        i = 0
-        for shape in shapes:
-            T, d, trees, depth = shape
-            for tile in tiles or [None]:
-                for placement, gated, bias in (combos if exhaustive else [combos[i % len(combos)]]):
-                    activation = acts[i % len(acts)]
-                    i += 1
-                    x, w_in, b_in, w_out, w_up = _params(T, d, trees, depth, bias, gated, device, gen)
-                    td.CONFIG_OVERRIDES.clear()
-                    td.CONFIG_OVERRIDES.update(tile or {})
-                    rec = {"kernel": "decode", "tokens": T, "d": d, "trees": trees, "depth": depth,
-                           "placement": placement, "gated": gated, "bias": bias, "activation": activation,
-                           "tile": td.decode_config(T, d, trees, depth + 1)}
-                    try:
-                        y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up=w_up)
-                        y_ref, path_ref, _ = reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
-                        err = ((y - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-30)).item()
-                        rec.update(max_rel_err=err, routing_equal=bool(torch.equal(path, path_ref)),
-                                   finite=bool(torch.isfinite(y).all()))
-                        rec["ok"] = rec["routing_equal"] and rec["finite"] and err < tol
-                    except Exception as e:
-                        rec.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                    out.append(rec)
-    finally:
-        td.CONFIG_OVERRIDES.clear()
-        td.CONFIG_OVERRIDES.update(saved)
+    i = 0
+    for shape in shapes:
+        T, d, trees, depth = shape
+        for tile in tiles or [None]:
+            for placement, gated, bias in (combos if exhaustive else [combos[i % len(combos)]]):
+                activation = acts[i % len(acts)]
+                i += 1
+                x, w_in, b_in, w_out, w_up = _params(T, d, trees, depth, bias, gated, device, gen)
+                rec = {"kernel": "decode", "tokens": T, "d": d, "trees": trees, "depth": depth,
+                       "placement": placement, "gated": gated, "bias": bias, "activation": activation,
+                       "tile": td.decode_config(T, d, trees, depth + 1, tile)}
+                try:
+                    y, path = td.tree_decode(x, w_in, b_in, w_out, trees, depth, placement, activation,
+                                             w_up=w_up, tile=tile)
+                    y_ref, path_ref, _ = reference_tree(x, w_in, b_in, w_out, trees, depth, placement, activation, w_up)
+                    err = ((y - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-30)).item()
+                    rec.update(max_rel_err=err, routing_equal=bool(torch.equal(path, path_ref)),
+                               finite=bool(torch.isfinite(y).all()))
+                    rec["ok"] = rec["routing_equal"] and rec["finite"] and err < tol
+                except Exception as e:
+                    rec.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                out.append(rec)
     return out
 
 

@@ -66,7 +66,7 @@ def parse_preset(name: str) -> tuple[int, int, int, int]:
 
 
 def split_configs(text: str) -> list[str]:
-    """``--configs`` -> names; ``custom:d,ffn,K,D`` keeps its commas (it may sit among presets)."""
+    """``configs`` -> names; ``custom:d,ffn,K,D`` keeps its commas (it may sit among presets)."""
     names, i, parts = [], 0, text.split(",")
     while i < len(parts):
         if parts[i].startswith("custom:"):

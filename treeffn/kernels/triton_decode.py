@@ -43,13 +43,6 @@ from treeffn.kernels import triton_common as tc
 from treeffn.kernels.triton_common import ACT_IDS, _act, _p2, _warps
 
 
-# Tile choices can be overridden: CONFIG_OVERRIDES for every call (the bench's --tune sweep), or
-# TUNED, token count -> tile, consulted first (the tile measured best for the smallest tuned count
-# at or above the call's; scripts/h200_decode.py fills it from a sweep in the same run).
-CONFIG_OVERRIDES: dict[str, int] = {}
-TUNED: dict[int, dict] = {}
-
-
 @triton.jit
 def _decode_kernel(
     x_ptr, w_in_ptr, b_in_ptr, w_up_ptr, w_out_ptr, y_ptr, node_ptr, acc_ptr, cnt_ptr,
@@ -164,21 +157,22 @@ def _decode_kernel(
 
 
 # --------------------------------------------------------------------------- tiles, workspace
-def decode_config(tokens: int, d: int, trees: int, levels: int) -> dict:
-    """Tile choice: KB trees per program, SPEC levels per routing round, BD columns per load."""
-    # Defaults from the tile sweep on an H200 (results/h200_decode/call1/tune.json; d=2048, K=64,
-    # D=6): one tree a program and whole rows per load; two levels a routing round up to 8
-    # tokens (17.7 µs at 1 token against 24.4 with half rows), one level above (42.0 µs at 32
-    # tokens against 48.6), where the extra speculative rows cost more than the saved round trip.
+def decode_config(tokens: int, d: int, trees: int, levels: int, tile: dict | None = None) -> dict:
+    """Tile choice: KB trees per program, SPEC levels per routing round, BD columns per load.
+
+    Fixed tiles, a function of the shape alone (no tuner runs; what the table says is what
+    runs). ``tile`` replaces any of the keys for one call: the tests cover other tiles through
+    it, and ``treeffn bench mode=tune`` measures candidates through it."""
+    # From the tile sweep on an H200 (results/h200_decode/call1/tune.json; d=2048, K=64, D=6):
+    # one tree a program and whole rows per load; two levels a routing round up to 8 tokens
+    # (17.7 µs at 1 token against 24.4 with half rows), one level above (42.0 µs at 32 tokens
+    # against 48.6), where the extra speculative rows cost more than the saved round trip.
     small = tokens <= 8
     spec = 2 if levels > 1 and small else 1
     kb = 1 if tokens * trees >= 64 else min(_p2(trees), 4)
     bd = min(_p2(d), 2048)
     cfg = dict(KB=kb, SPEC=spec, BD=bd, num_warps=8 if small and bd >= 2048 else 4)
-    if TUNED:
-        above = [t for t in TUNED if t >= tokens]
-        cfg.update(TUNED[min(above) if above else max(TUNED)])
-    cfg.update(CONFIG_OVERRIDES)
+    cfg.update(tile or {})
     cfg["SPEC"] = max(1, min(int(cfg["SPEC"]), levels, 3))
     return cfg
 
@@ -204,11 +198,12 @@ def workspace(device: torch.device, dtype: torch.dtype, width: int, tokens: int)
 
 # --------------------------------------------------------------------------- entry point
 def tree_decode(x, w_in, b_in, w_out, trees: int, depth: int, placement: str = "node", activation: str = "gelu",
-                w_up=None):
+                w_up=None, tile: dict | None = None):
     """(y (T, d) in x's dtype, path (T, K, D+1) int64 local nodes) in one kernel launch; no autograd.
 
     Gated trees: pass ``w_up``. Inputs are used in their own dtype (cast them beforehand, as
     ``tree_ffn_triton`` does under autocast); accumulation is fp32 (fp64 for fp64 inputs).
+    ``tile``: keys of ``decode_config`` to use instead of its fixed choice (tests, tile sweeps).
     """
     if activation not in ACT_IDS:
         raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACT_IDS)}")
@@ -230,7 +225,7 @@ def tree_decode(x, w_in, b_in, w_out, trees: int, depth: int, placement: str = "
     acc_tl, acc_torch = (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
     gated_post = w_up is not None and placement == "post_sum"
     acc, cnt = workspace(x.device, acc_torch, 2 * d if gated_post else d, T)
-    cfg = decode_config(T, d, trees, levels)
+    cfg = decode_config(T, d, trees, levels, tile)
     kb, spec, bd = cfg["KB"], cfg["SPEC"], cfg["BD"]
     jp, lp = _p2((1 << spec) - 1), _p2(levels)
     grid = (T, triton.cdiv(trees, kb))
@@ -244,4 +239,4 @@ def tree_decode(x, w_in, b_in, w_out, trees: int, depth: int, placement: str = "
     return y, node
 
 
-__all__ = ["CONFIG_OVERRIDES", "DECODE_MAX_TOKENS", "TUNED", "decode_config", "tree_decode", "workspace"]
+__all__ = ["DECODE_MAX_TOKENS", "decode_config", "tree_decode", "workspace"]

@@ -52,9 +52,6 @@ DENSE_MAX_DEPTH = 11
 # GEMMs were faster at every batch measured on an H200 (docs/kernels.md); "sparse" stays on offer.
 SPARSE_WGRAD_MAX_TOKENS = 0
 
-# Tile choices can be overridden per kernel (the bench's --tune sweep uses this).
-CONFIG_OVERRIDES: dict[str, dict] = {}
-
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
@@ -277,8 +274,12 @@ def _grad_dense_kernel(
 
 
 # --------------------------------------------------------------------------- tile choices
-def route_config(tokens: int, d: int, inference: bool) -> dict:
-    """Tiles of _route_kernel (from the H200 sweep, `treeffn bench --tune`, OPT-1.3B width)."""
+# Fixed tiles, a function of the shape alone: no tuner runs, what these tables say is what runs.
+# They come from tile sweeps on an H200 at OPT-1.3B width (`treeffn bench mode=tune`, which
+# measures candidates by passing ``tile=`` to a launcher; docs/kernels.md). ``tile``, where a
+# function takes it, replaces keys of the fixed choice for one call.
+def route_config(tokens: int, d: int, inference: bool, tile: dict | None = None) -> dict:
+    """Tiles of _route_kernel."""
     if inference and tokens <= 8:
         cfg = dict(SPEC=2, BT=1, BD=min(_p2(d), 2048))  # 4 dependent rounds instead of 7
     elif tokens <= 32:
@@ -287,19 +288,21 @@ def route_config(tokens: int, d: int, inference: bool) -> dict:
         cfg = dict(SPEC=1, BT=16, BD=min(_p2(d), 256))
     else:
         cfg = dict(SPEC=1, BT=32, BD=min(_p2(d), 256))
-    return {**cfg, **CONFIG_OVERRIDES.get("route", {})}
+    return {**cfg, **(tile or {})}
 
 
-def combine_config(tokens: int, entries: int, d: int) -> dict:
+def combine_config(tokens: int, entries: int, d: int, tile: dict | None = None) -> dict:
+    """Tiles of _combine_kernel."""
     if tokens <= 512:
         be = min(_p2(entries), 512 if tokens <= 4 else 256)
         cfg = dict(BT=1, BE=be, BD=min(_p2(d), max(16, 8192 // be)))
     else:
         cfg = dict(BT=64, BE=4, BD=min(_p2(d), 32))
-    return {**cfg, **CONFIG_OVERRIDES.get("combine", {})}
+    return {**cfg, **(tile or {})}
 
 
-def gcoef_config(tokens: int, levels: int, d: int) -> dict:
+def gcoef_config(tokens: int, levels: int, d: int, tile: dict | None = None) -> dict:
+    """Tiles of _gcoef_kernel."""
     lp = _p2(levels)
     if tokens <= 4:
         cfg = dict(BT=1, BD=min(_p2(d), max(16, 8192 // lp)))
@@ -307,7 +310,7 @@ def gcoef_config(tokens: int, levels: int, d: int) -> dict:
         cfg = dict(BT=1, BD=min(_p2(d), 256))
     else:
         cfg = dict(BT=max(1, 128 // lp), BD=min(_p2(d), 64))
-    return {**cfg, **CONFIG_OVERRIDES.get("gcoef", {})}
+    return {**cfg, **(tile or {})}
 
 
 def dense_config(n_nodes: int) -> dict:
@@ -315,12 +318,11 @@ def dense_config(n_nodes: int) -> dict:
     # spilled (cuobjdump -res-usage), which made the kernel the slowest part of the GEMM form.
     np_ = _p2(n_nodes)
     bt = max(1, 1024 // np_)
-    cfg = dict(BT=bt, NP=np_, num_warps=max(1, min(8, bt * np_ // 128)))
-    return {**cfg, **CONFIG_OVERRIDES.get("dense", {})}
+    return dict(BT=bt, NP=np_, num_warps=max(1, min(8, bt * np_ // 128)))
 
 
 def wgrad_config(d: int) -> dict:
-    return {**dict(BE=16, BD=min(_p2(d), 256)), **CONFIG_OVERRIDES.get("wgrad", {})}
+    return dict(BE=16, BD=min(_p2(d), 256))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -328,7 +330,7 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 # --------------------------------------------------------------------------- launchers
-def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False):
+def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False, tile: dict | None = None):
     """z (T, K, L) in the accumulator dtype and node (T, K, L) int64, local to each tree.
 
     int64 so the path is returned as is: a conversion would be one more launch per decode step.
@@ -340,7 +342,7 @@ def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False):
     node = tc._empty(T, trees, levels, device=x.device, dtype=torch.int64)
     if T == 0:
         return z, node
-    cfg = route_config(T, d, inference)
+    cfg = route_config(T, d, inference, tile)
     spec = min(cfg["SPEC"], levels)
     jp = _p2((1 << spec) - 1)
     bt, bd = cfg["BT"], cfg["BD"]
@@ -354,7 +356,8 @@ def route(x, w_in, b_in, trees: int, depth: int, inference: bool = False):
     return z, node
 
 
-def combine(coef, node, w, depth: int, out_dtype, coef_act: bool, out_act: bool, act_id: int):
+def combine(coef, node, w, depth: int, out_dtype, coef_act: bool, out_act: bool, act_id: int,
+            tile: dict | None = None):
     """out (T, d) = sum over each token's path entries of f(coef) * w[row]."""
     T, trees, levels = node.shape
     d = w.shape[1]
@@ -363,7 +366,7 @@ def combine(coef, node, w, depth: int, out_dtype, coef_act: bool, out_act: bool,
         return out
     kl = trees * levels
     acc_tl, _ = _acc_dtype(w.dtype)
-    cfg = combine_config(T, kl, d)
+    cfg = combine_config(T, kl, d, tile)
     bt, be, bd = cfg["BT"], cfg["BE"], cfg["BD"]
     grid = (triton.cdiv(T, bt), triton.cdiv(d, bd))
     _combine_kernel[grid](
@@ -374,7 +377,7 @@ def combine(coef, node, w, depth: int, out_dtype, coef_act: bool, out_act: bool,
     return out
 
 
-def grad_coef(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
+def grad_coef(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int, tile: dict | None = None):
     """dL/dz (T, K, L): <gy[t], w_out[row]> (times act'(z) for placement node)."""
     T, trees, levels = node.shape
     d = w_out.shape[1]
@@ -383,7 +386,7 @@ def grad_coef(gy, z, node, w_out, depth: int, act_grad: bool, act_id: int):
         return gz
     acc_tl, _ = _acc_dtype(w_out.dtype)
     lp = _p2(levels)
-    cfg = gcoef_config(T, levels, d)
+    cfg = gcoef_config(T, levels, d, tile)
     bt, bd = cfg["BT"], cfg["BD"]
     _gcoef_kernel[(triton.cdiv(T, bt), trees)](
         gy, z, node, w_out, gz, T, d, nodes_per_tree(depth), levels, gy.stride(0), w_out.stride(0),

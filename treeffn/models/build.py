@@ -88,7 +88,10 @@ def _from_checkpoint(model_cfg: dict, tree_cfg: dict, vocab_size: int, pretraine
         raise ConfigError(f"model.hidden_size={model_cfg['hidden_size']} does not match the checkpoint in {path} "
                           f"(hidden size {widths['hidden_size']})")
     if pretrained:
-        dense = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        from treeffn.models.hf import no_weight_bars
+
+        with no_weight_bars():
+            dense = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     else:
         dense = AutoModelForCausalLM.from_config(dense_config)
     family = FAMILIES[family_name]

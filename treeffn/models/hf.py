@@ -17,6 +17,7 @@ opt / gpt2 / llama) and load without treeffn at all.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -144,6 +145,21 @@ def stock_state_dict(model: nn.Module) -> dict:
     return renamed
 
 
+@contextlib.contextmanager
+def no_weight_bars():
+    """Without transformers' tqdm bars ("Loading weights", "Writing model shards"): treeffn's
+    save and load calls print their own one line, and a bar per file is noise in every log."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def save_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Save ``model`` (tree or dense) and ``tokenizer`` as a Hugging Face model dir.
 
@@ -160,9 +176,11 @@ def save_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
         spec = TreeSpec.from_dict(to_save.config.tree)
         if spec.impl == "triton":
             to_save.config.tree = spec.replace(impl="auto").to_dict()
-        to_save.save_pretrained(out)
+        with no_weight_bars():
+            to_save.save_pretrained(out)
     elif all(isinstance(m, DENSE_LAYER_TYPES) for m in ffns):  # a swapped dense model, or a stock one
-        model.save_pretrained(out, state_dict=stock_state_dict(model) if ffns else None)
+        with no_weight_bars():
+            model.save_pretrained(out, state_dict=stock_state_dict(model) if ffns else None)
     else:
         raise ValueError("the model mixes tree and dense FFN layers; save_hf expects one kind")
     if tokenizer is not None:
@@ -174,7 +192,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) from a dir ``save_hf`` wrote."""
     from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    with no_weight_bars():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     return model.eval(), tokenizer
 

@@ -192,8 +192,11 @@ def load_pretrained_dir(path: str | Path) -> LoadedModel:
     if model_type not in CONFIG_MAPPING:
         raise ModelLoadError(f"model.path={path} has model_type {model_type!r}, which neither transformers nor "
                              f"treeffn knows; treeffn loads Hugging Face causal LMs and dirs written by save_hf")
+    from treeffn.models.hf import no_weight_bars
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False, dtype="float32")
+        with no_weight_bars():
+            model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False, dtype="float32")
     except Exception as e:  # transformers raises many kinds: the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"model.path={path} could not be loaded: {first}") from None

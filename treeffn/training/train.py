@@ -101,8 +101,20 @@ def make_wandb_logger(cfg: dict, run_dir: Path, rank_zero: bool = True):
         write_text_atomic(id_file, uuid.uuid4().hex[:12])
     run_id = id_file.read_text().strip() if rank_zero else None
     mode = wandb_mode(cfg["logger"].get("mode", "auto"))
-    return WandbLogger(project=cfg["logger"].get("project", "treeffn"), name=run_dir.name, save_dir=str(run_dir),
-                       id=run_id, resume="allow", mode=mode, config=cfg)
+    logger = WandbLogger(project=cfg["logger"].get("project", "treeffn"), name=run_dir.name, save_dir=str(run_dir),
+                         id=run_id, resume="allow", mode=mode, config=cfg)
+    # Lightning hands wandb.init anonymous=None whatever it is given, and wandb (>= 0.19) answers
+    # every run with "The anonymous setting has no effect": leave the setting out.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
+def ignore_warnings_nobody_can_act_on() -> None:
+    """Lightning's own use of a torch API that torch deprecated (``isinstance(treespec,
+    LeafSpec)``, a FutureWarning at every fit): only a Lightning release can change it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
@@ -114,6 +126,7 @@ def train(cfg: dict, run_dir: Path, command: dict | None = None) -> dict:
     then has ``already_finished: True``.
     """
     validate_train_config(cfg)  # bad settings fail here, before torch and Lightning are imported
+    ignore_warnings_nobody_can_act_on()
     from treeffn.results.index import INDEX_FILE, append_record
     from treeffn.training.run_files import release_run_dir
 
@@ -227,13 +240,14 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     check_machine_fits(cfg, precision_for(cfg["trainer"]["precision"]))  # processes, memory: before building
 
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from omegaconf import OmegaConf
 
     from treeffn.data.datamodule import TextDataModule
     from treeffn.models.build import accounting, build_model
     from treeffn.training.callbacks import InitialCheckpoint, RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
+    from treeffn.training.progress import StepProgressBar
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
                                               make_strategy, rank_command)
     from treeffn.training.reliability import (AtomicCheckpointIO, NonFiniteGuard, Preemption, RNGState,
@@ -267,7 +281,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         RankSeed(cfg["seed"]),  # after RNGState: several ranks draw from per-rank streams
         guard := NonFiniteGuard(cfg["guard"]["max_non_finite_steps"]),
         preemption := Preemption(run_dir / "checkpoints" / "last.ckpt"),
-        RichProgressBar(leave=True),
+        StepProgressBar(leave=True),  # steps to trainer.max_steps, with the time left
     ]
     precision = precision_for(t["precision"])
     trainer = L.Trainer(
