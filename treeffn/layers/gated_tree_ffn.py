@@ -52,10 +52,7 @@ class GatedTreeFFN(TreeFFN):
         return super().extra_repr() + ", gated=True"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        if shape[-1] != self.d_model:
-            raise ValueError(f"GatedTreeFFN expects inputs with last dimension {self.d_model}, got {tuple(shape)}")
-        flat = x.reshape(-1, self.d_model)
+        flat = self._flat(x)
         impl = self.impl if self.impl != "auto" else self._auto_impl(flat)
         if impl == "decode":
             from treeffn.kernels import tree_decode
@@ -69,13 +66,9 @@ class GatedTreeFFN(TreeFFN):
                     w = [t.to(dtype) if t is not None else None for t in (self.w_in, self.b_in, self.w_out, self.w_up)]
                     y, path = tree_decode(flat.to(dtype), w[0], w[1], w[2], self.trees, self.depth, self.placement,
                                           self.activation, w_up=w[3])
-        elif impl == "masked":
-            y, path = self.forward_masked(flat)
         else:
-            y, path = self.forward_gather(flat)
-        if self.track_stats:
-            self._count_visits(path)
-        return y.view(shape)
+            y, path = self._masked_or_gather(flat, impl)
+        return self._counted(y, path, x.shape)
 
     def _auto_impl(self, x: torch.Tensor) -> str:
         """impl=auto: masked in training; at inference the decode kernel on CUDA up to

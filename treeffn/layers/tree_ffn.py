@@ -101,18 +101,13 @@ class TreeFFN(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        if shape[-1] != self.d_model:
-            raise ValueError(f"TreeFFN expects inputs with last dimension {self.d_model}, got {tuple(shape)}")
-        flat = x.reshape(-1, self.d_model)
+        flat = self._flat(x)
         if self._decode_fast_path(flat):
             # a decode step: straight to the one-launch kernel (what auto/triton pick here anyway),
             # without the general entry point's checks and casts, which a step pays on the host
             y, path = kernels.tree_decode(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
                                           self.placement, self.activation)
-            if self.track_stats:
-                self._count_visits(path)
-            return y.view(shape)
+            return self._counted(y, path, x.shape)
         impl = self.impl
         if impl == "auto":
             impl = kernels.auto_impl(flat, self.training)  # the fastest measured path for device and batch
@@ -121,10 +116,23 @@ class TreeFFN(nn.Module):
 
             y, path = tree_ffn_triton(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
                                       self.placement, self.activation)
-        elif impl == "masked":
-            y, path = self.forward_masked(flat)
         else:
-            y, path = self.forward_gather(flat)
+            y, path = self._masked_or_gather(flat, impl)
+        return self._counted(y, path, x.shape)
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) inputs as (T, d) tokens, or one line on the wrong width."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"{type(self).__name__} expects inputs with last dimension {self.d_model}, "
+                             f"got {tuple(x.shape)}")
+        return x.reshape(-1, self.d_model)
+
+    def _masked_or_gather(self, flat: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The PyTorch paths: masked (every node, training) or gather (the path's rows only)."""
+        return self.forward_masked(flat) if impl == "masked" else self.forward_gather(flat)
+
+    def _counted(self, y: torch.Tensor, path: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Count the paths' visits (while track_stats) and give y the input's shape."""
         if self.track_stats:
             self._count_visits(path)
         return y.view(shape)

@@ -44,11 +44,8 @@ def plot_vs_active(report, rows, path: Path) -> Path:
         x = 100 * (s["active_ffn_fraction"] or 1.0)
         ax.errorbar([x], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o", capsize=3, label=row.name)
     ax.set_xscale("log")
-    ax.set_xlabel("active FFN units per token (%)")
-    ax.set_ylabel(f"{report.metric} (mean ± std over seeds)")
-    ax.set_title(f"{report.sweep.name}: {report.metric} vs active fraction")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    _labels(ax, "active FFN units per token (%)", f"{report.metric} (mean ± std over seeds)",
+            f"{report.sweep.name}: {report.metric} vs active fraction")
     return _save(fig, path)
 
 
@@ -75,11 +72,8 @@ def plot_vs_depth(report, rows, path: Path) -> Path:
             if s["std"]:
                 ax.axhspan(s["mean"] - s["std"], s["mean"] + s["std"], color="black", alpha=0.08)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # depths are whole numbers
-    ax.set_xlabel("tree depth D (levels below the root; a token visits D+1 nodes per tree)")
-    ax.set_ylabel(f"{report.metric} (mean ± std over seeds)")
-    ax.set_title(f"{report.sweep.name}: {report.metric} vs depth")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    _labels(ax, "tree depth D (levels below the root; a token visits D+1 nodes per tree)",
+            f"{report.metric} (mean ± std over seeds)", f"{report.sweep.name}: {report.metric} vs depth")
     return _save(fig, path)
 
 
@@ -168,6 +162,12 @@ def plot_routing(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(f"{title}: routing during training (means over layers; band: ± std over seeds)")
     return _save(fig, path)
+
+
+def _labels(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path) -> Path:
