@@ -14,7 +14,11 @@ def analyze(cfg: dict) -> int:
     from treeffn.analysis.analyze import NothingToAnalyse, analyse_run, format_verdicts
 
     run, out = path_setting(cfg, "run"), path_setting(cfg, "out")
-    max_blocks = None if cfg.get("max_blocks") == "all" else int_setting(cfg, "max_blocks", 1)
+    max_blocks = cfg.get("max_blocks")
+    if max_blocks == "all":
+        max_blocks = None
+    elif isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
+        raise BadInput(f"max_blocks={max_blocks!r} is not allowed; use an integer >= 1 or all")
     seed = int_setting(cfg, "seed", 0)
     device = str(cfg.get("device"))
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
