@@ -1,6 +1,7 @@
 """Fine-tune regime: dense checkpoint -> tree model, exact reuse of attention, from_dense grouping, errors."""
 
 import copy
+import math
 import json
 
 import pytest
@@ -197,3 +198,38 @@ def test_dense_run_then_tree_fine_tunes_with_each_init(tmp_path, cache_dir):
         for key, value in dense.state_dict().items():
             if ".self_attn." in key:  # frozen during fine-tuning: still the dense run's weights
                 assert torch.equal(state["model." + key], value), key
+
+
+@pytest.mark.slow
+def test_val_at_start_measures_the_model_at_the_moment_of_conversion(tmp_path, cache_dir):
+    """trainer.val_at_start=auto validates a model.init_from run before its first step: a dense
+    continuation starts at exactly the pretrained run's final validation, a tree conversion above
+    it; the number is logged at step 0, kept in the checkpoint (a resume keeps it) and recorded."""
+    import csv
+
+    from treeffn.training.train import train
+
+    fast = ("trainer.limit_val_batches=2", "logger=csv")
+    pretrained = train(compose_cfg(cache_dir, "tree=dense", "trainer.max_steps=4", *fast), tmp_path / "pretrain")
+    assert pretrained["val_at_start"] is None  # auto: a run from scratch has nothing converted
+    hf_dir = tmp_path / "pretrain" / "hf"
+    starts = {}
+    for name, overrides in {"dense": ["tree=dense"], "from_dense": ["tree.init=from_dense", "tree.depth=2"],
+                            "random": ["tree.depth=2"]}.items():
+        run = tmp_path / name
+        result = train(compose_cfg(cache_dir, f"model.init_from={hf_dir}", "trainer.max_steps=2", *fast,
+                                   *overrides), run)
+        start = result["val_at_start"]
+        assert start["step"] == 0 and start["val_ppl"] == pytest.approx(math.exp(start["val_loss"]))
+        rows = list(csv.DictReader(open(run / "logs" / "csv" / "metrics.csv")))
+        at_zero = [float(r["val/loss"]) for r in rows if r.get("val/loss") and int(r["step"]) == 0]
+        assert at_zero == [pytest.approx(start["val_loss"], rel=1e-6)]
+        kept = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["treeffn"]["val_at_start"]
+        assert kept == start
+        starts[name] = start["val_loss"]
+    # The same weights on the same validation blocks (fp32 safetensors, CPU): the same loss.
+    assert starts["dense"] == pytest.approx(pretrained["val_loss"], rel=1e-6)
+    assert starts["from_dense"] > starts["dense"] and starts["random"] > starts["dense"]
+    off = train(compose_cfg(cache_dir, f"model.init_from={hf_dir}", "tree=dense", "trainer.max_steps=1",
+                            "trainer.val_at_start=false", *fast), tmp_path / "off")
+    assert off["val_at_start"] is None

@@ -248,6 +248,9 @@ def validate_train_config(cfg: dict) -> None:
             isinstance(limit, float) and limit > 1):
         raise ConfigError(f"trainer.limit_val_batches={limit!r} is not allowed; use a number of batches (an "
                           f"integer >= 0) or a fraction from 0.0 to 1.0")
+    val_at_start = trainer.get("val_at_start", "auto")
+    if not (val_at_start == "auto" or isinstance(val_at_start, bool)):
+        raise ConfigError(f"trainer.val_at_start={val_at_start!r} is not allowed; choose one of: auto, true, false")
     _int_at_least("optim.warmup_steps", optim.get("warmup_steps"), 0)
     _int_at_least("checkpoint.every_n_steps", cfg["checkpoint"].get("every_n_steps"), 1)
     _int_at_least("guard.max_non_finite_steps", cfg.get("guard", {}).get("max_non_finite_steps"), 1)
@@ -257,6 +260,13 @@ def validate_train_config(cfg: dict) -> None:
     resume = cfg.get("resume")
     if resume not in ("auto", "never") and not (isinstance(resume, str) and resume.endswith(".ckpt")):
         raise ConfigError(f"resume={resume!r} is not allowed; choose auto, never, or a path to a .ckpt file")
+
+
+def validates_at_start(cfg: dict) -> bool:
+    """trainer.val_at_start: a validation before the first step, logged at step 0 (auto: when the
+    run starts from a checkpoint, model.init_from, so the cost of the conversion is measured)."""
+    setting = cfg["trainer"].get("val_at_start", "auto")
+    return bool(cfg["model"].get("init_from")) if setting == "auto" else setting
 
 
 def validate_scale_out(trainer: dict, optim: dict) -> None:

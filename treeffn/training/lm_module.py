@@ -80,6 +80,7 @@ class CausalLMModule(L.LightningModule):
         self.has_leaf_layers = bool(leaf_layers(model))
         self.val_soft_loss = MeanMetric()
         self.last_validation: dict | None = None
+        self.val_at_start: dict | None = None  # trainer.val_at_start: the validation before step 1
         self._micro_losses: list[torch.Tensor] = []  # this optimizer step's so far
         self.train_wall_s = 0.0  # accumulated over resumes through the checkpoint
 
@@ -151,7 +152,9 @@ class CausalLMModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["treeffn"] = {"train_wall_s": self.train_wall_s}
+        checkpoint["treeffn"] = {"train_wall_s": self.train_wall_s, "val_at_start": self.val_at_start}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.train_wall_s = float(checkpoint.get("treeffn", {}).get("train_wall_s", 0.0))
+        state = checkpoint.get("treeffn", {})
+        self.train_wall_s = float(state.get("train_wall_s", 0.0))
+        self.val_at_start = state.get("val_at_start")

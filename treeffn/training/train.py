@@ -17,7 +17,7 @@ import math
 import time
 from pathlib import Path
 
-from treeffn.config import ConfigError, resolve_trees, validate_train_config
+from treeffn.config import ConfigError, resolve_trees, validate_train_config, validates_at_start
 from treeffn.atomic import atomic_folder, storage_error, write_json_atomic, write_text_atomic
 from treeffn.results.record import FAILURE_FILE, RESULT_FORMAT, environment_snapshot, wandb_mode
 from treeffn.training.run_files import (check_run_dir_is_ours, check_same_experiment,
@@ -301,6 +301,9 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         log_every_n_steps=t["log_every_n_steps"],
         deterministic=t["deterministic"],
         num_sanity_val_steps=0,
+        # no_grad, not inference_mode, for trainer.validate: tensors made in inference mode (the
+        # metrics' states after a validation before the first step) cannot be updated in training.
+        inference_mode=False,
         use_distributed_sampler=False,  # the DataModule's samplers shard by rank themselves
         logger=False,  # set below, once this process knows whether it is rank 0
         callbacks=callbacks,
@@ -332,6 +335,9 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     tokens_per_step = global_blocks * data.block_size
     throughput.tokens_per_step = tokens_per_step
     with launched_ranks(ranks_command):  # Lightning starts the other ranks (if it does); ended after
+        if ckpt is None and validates_at_start(cfg):  # a resumed run has it in its checkpoint
+            trainer.validate(module, datamodule=data, verbose=False)
+            module.val_at_start = dict(module.last_validation)
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         if preemption.received:
             stop = Preempted(f"received {preemption.received} at step {trainer.global_step}; checkpoint saved in "
@@ -360,6 +366,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         "val_loss": val["val_loss"],
         "val_ppl": val["val_ppl"],
         "unigram_val_ppl": data.stats.get("unigram_ppl"),
+        # trainer.val_at_start: the same validation before the first step (None when not asked)
+        "val_at_start": module.val_at_start,
         "steps": int(trainer.global_step),
         "tokens_seen": int(trainer.global_step * tokens_per_step),
         # Unique training tokens (whole blocks) and passes over them: > 1 means repeated data.
