@@ -2,6 +2,8 @@
 
     ppl_vs_active.png   the metric vs the fraction of FFN units a token uses (one point per row)
     ppl_vs_depth.png    the metric vs tree depth, one line per other factor (dense as a level line)
+    ppl_vs_params.png   the metric vs FFN parameters, when the tree rows differ in width (dense as a
+                        level line)
     curves.png          training loss and validation perplexity vs step, one colour per row
                         (mean over seeds; each seed faint)
     routing.png         tree rows: static sparsity of the training windows, the root's right-going
@@ -28,6 +30,8 @@ def make_plots(report) -> dict[str, Path]:
         files["ppl_vs_active"] = plot_vs_active(report, rows, report.out_dir / "ppl_vs_active.png")
         if any(r.stats.get("depth") is not None for r in rows):
             files["ppl_vs_depth"] = plot_vs_depth(report, rows, report.out_dir / "ppl_vs_depth.png")
+        if spans_params(rows):
+            files["ppl_vs_params"] = plot_vs_params(report, rows, report.out_dir / "ppl_vs_params.png")
     curves = {r.name: [read_metrics(p.run_dir) for p in r.points if p.run_dir.is_dir()] for r in report.rows}
     if any(any(c) for c in curves.values()):
         files["curves"] = plot_curves(curves, report.out_dir / "curves.png", report.sweep.name)
@@ -38,15 +42,62 @@ def make_plots(report) -> dict[str, Path]:
 
 
 def plot_vs_active(report, rows, path: Path) -> Path:
+    """Tree rows as points over the share of FFN units a token uses; dense rows as level lines."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for row in rows:
         s = row.stats
-        x = 100 * (s["active_ffn_fraction"] or 1.0)
-        ax.errorbar([x], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o", capsize=3, label=row.name)
+        if s.get("ffn") != "dense":
+            ax.errorbar([100 * (s["active_ffn_fraction"] or 1.0)], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o",
+                        capsize=3, label=row.name)
+    _dense_lines(ax, rows)
     ax.set_xscale("log")
     _labels(ax, "active FFN units per token (%)", f"{report.metric} (mean ± std over seeds)",
             f"{report.sweep.name}: {report.metric} vs active fraction")
     return _save(fig, path)
+
+
+def plot_vs_params(report, rows, path: Path) -> Path:
+    """Tree rows over their FFN parameter count (all layers), one line per placement; dense rows
+    as level lines, marked at their own count. K: trees per layer."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lines: dict[str, list] = {}
+    for row in rows:
+        s = row.stats
+        if s.get("ffn") == "tree" and s.get("params_ffn"):
+            name = f"{s.get('placement') or 'tree'}, D={s.get('depth')}"
+            lines.setdefault(name, []).append((s["params_ffn"] / 1e6, s["mean"], s["std"] or 0.0, s.get("trees")))
+    for name, pts in lines.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name)
+        for x, y, _, trees in pts:
+            if trees:
+                ax.annotate(f"K={trees}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    _dense_lines(ax, rows, at_params=True)
+    ax.set_xscale("log")
+    _labels(ax, "FFN parameters, all layers (millions)", f"{report.metric} (mean ± std over seeds)",
+            f"{report.sweep.name}: {report.metric} vs FFN parameters")
+    return _save(fig, path)
+
+
+def spans_params(rows, factor: float = 1.5) -> bool:
+    """Whether the tree rows differ in FFN parameters enough to plot against them."""
+    counts = [r.stats["params_ffn"] for r in rows if r.stats.get("ffn") == "tree" and r.stats.get("params_ffn")]
+    return len(counts) > 1 and max(counts) >= factor * min(counts)
+
+
+def _dense_lines(ax, rows, at_params: bool = False) -> None:
+    """Dense rows as horizontal lines (± std band); at_params: also a marker at their FFN count."""
+    for row in rows:
+        s = row.stats
+        if s.get("ffn") != "dense":
+            continue
+        label = "dense" + (f" (from {row.source})" if row.source else "")
+        ax.axhline(s["mean"], linestyle="--", color="black", linewidth=1, label=label)
+        if s["std"]:
+            ax.axhspan(s["mean"] - s["std"], s["mean"] + s["std"], color="black", alpha=0.08)
+        if at_params and s.get("params_ffn"):
+            ax.plot([s["params_ffn"] / 1e6], [s["mean"]], marker="s", color="black")
 
 
 def plot_vs_depth(report, rows, path: Path) -> Path:
@@ -64,13 +115,7 @@ def plot_vs_depth(report, rows, path: Path) -> Path:
         pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                     label=name)
-    for row in rows:
-        s = row.stats
-        if s.get("ffn") == "dense":
-            label = "dense" + (f" (from {row.source})" if row.source else "")
-            ax.axhline(s["mean"], linestyle="--", color="black", linewidth=1, label=label)
-            if s["std"]:
-                ax.axhspan(s["mean"] - s["std"], s["mean"] + s["std"], color="black", alpha=0.08)
+    _dense_lines(ax, rows)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # depths are whole numbers
     _labels(ax, "tree depth D (levels below the root; a token visits D+1 nodes per tree)",
             f"{report.metric} (mean ± std over seeds)", f"{report.sweep.name}: {report.metric} vs depth")

@@ -255,9 +255,28 @@ def reference_rows(sweep: Sweep, factors: list[str]) -> list[Row]:
         points = [p for p in collect_points(other) if all(p.values.get(k) == v for k, v in where.items())]
         if not points:
             continue
-        row = Row({f: where.get(f, "—") for f in factors}, points, source=other.name)
+        row = Row({f: where.get(f, None) or _setting(points, f) for f in factors}, points, source=other.name)
         rows.append(row)
     return rows
+
+
+def _setting(points: list[Point], key: str) -> str:
+    """A factor a reference row's sweep does not vary (the width of a depth sweep's row): the
+    value its finished runs trained with (tree.*: the resolved tree record; else config.yaml)."""
+    from omegaconf import OmegaConf
+
+    for p in points:
+        if p.status != "finished":
+            continue
+        if key.startswith("tree.") and (p.result or {}).get("tree"):
+            value = p.result["tree"].get(key.removeprefix("tree."))
+        else:
+            try:
+                value = OmegaConf.select(OmegaConf.load(p.run_dir / "config.yaml"), key)
+            except OSError:
+                value = None
+        return "—" if value is None else str(value)
+    return "—"
 
 
 # ------------------------------------------------------------------------------ numbers
@@ -307,7 +326,8 @@ def row_stats(row: Row, metric: str, seed_key: str, qa: list[tuple[str, str, int
         "n": len(done), "expected": len(row.points), "mean": m, "std": s, "val_loss_mean": loss,
         "active_ffn_fraction": first.get("active_ffn_fraction"), "params_total": first.get("params_total"),
         "params_ffn": first.get("params_ffn"), "ffn": first.get("ffn"), "depth": tree.get("depth"),
-        "trees": tree.get("trees"), "tokens_seen": first.get("tokens_seen"), "wall_s_mean": wall,
+        "trees": tree.get("trees"), "placement": tree.get("placement"), "tokens_seen": first.get("tokens_seen"),
+        "wall_s_mean": wall,
         "epochs": max((p.result["epochs"] for p in done if p.result.get("epochs") is not None), default=None),
         "status": "ok" if not not_done else "; ".join(
             f"{seed_key}={p.values.get(seed_key, '?')} {p.status}" for p in not_done),
@@ -316,6 +336,8 @@ def row_stats(row: Row, metric: str, seed_key: str, qa: list[tuple[str, str, int
         stats[(task, qa_metric, shots)] = mean_std([eval_value(p, task, qa_metric, shots) for p in done])
     for key, read in ROUTING_COLUMNS.items():
         stats[key] = mean_std([read(p.result.get("routing") or {}) for p in done])
+    # trainer.val_at_start: the metric before the first step (a fine-tune's converted model)
+    stats["at_start"] = mean_std([(p.result.get("val_at_start") or {}).get(metric) for p in done])
     return stats
 
 
@@ -453,7 +475,10 @@ def qa_header(task: str, metric: str, shots: int) -> str:
 def table_cells(report: Report, row: Row) -> list[str]:
     s = row.stats
     cells = [row.label[f] for f in report.factors]
-    cells += [_fmt(s["mean"], s["std"]), f"{s['n']}/{s['expected']}", _pct(s["active_ffn_fraction"]),
+    cells.append(_fmt(s["mean"], s["std"]))
+    if has_start(report):
+        cells.append(_fmt(*s["at_start"]))
+    cells += [f"{s['n']}/{s['expected']}", _pct(s["active_ffn_fraction"]),
               _count(s["params_ffn"]), _count(s["tokens_seen"]), _epochs(s["epochs"])]
     if has_dense_comparison(report):
         diff = s.get("minus_dense")
@@ -469,12 +494,18 @@ def has_routing(report: Report) -> bool:
     return any(r.stats.get("leaf_entropy", (None,))[0] is not None for r in report.rows)
 
 
+def has_start(report: Report) -> bool:
+    return any(r.stats.get("at_start", (None,))[0] is not None for r in report.rows)
+
+
 def has_dense_comparison(report: Report) -> bool:
     return any("minus_dense" in r.stats for r in report.rows)
 
 
 def table_header(report: Report) -> list[str]:
-    header = [*report.factors, f"{report.metric} (mean ± std)", "n", "active FFN", "FFN params", "tokens/run", "epochs"]
+    header = [*report.factors, f"{report.metric} (mean ± std)",
+              *([f"{report.metric} at step 0"] if has_start(report) else []),
+              "n", "active FFN", "FFN params", "tokens/run", "epochs"]
     if has_dense_comparison(report):
         header += ["− dense (± s.e.)", "/ dense"]
     header += [qa_header(*key) for key in report.qa]
@@ -499,6 +530,9 @@ def to_markdown(report: Report) -> str:
     if has_dense_comparison(report):
         lines += ["", "− dense: the row's mean minus the dense row's, ± the standard error of that difference "
                       "from the two seed spreads (sqrt(s²/n + s_dense²/n_dense)); / dense: the ratio of the means."]
+    if has_start(report):
+        lines += ["", f"{report.metric} at step 0: the same validation before the first training step "
+                      "(trainer.val_at_start), i.e. the model as converted from its starting checkpoint."]
     if has_routing(report):
         lines += ["", routing_legend(report)]
     unfinished = [p for p in report.points if p.status != "finished"]
@@ -533,7 +567,8 @@ def write_table_csv(report: Report, path: Path) -> None:
     fields = [*report.factors, "source", "n_finished", "n_expected", f"{report.metric}_mean",
               f"{report.metric}_std", "val_loss_mean", "active_ffn_fraction", "params_total", "params_ffn",
               "ffn", "depth", "trees", "tokens_seen", "epochs", "wall_s_mean", *qa_cols,
-              "minus_dense", "minus_dense_se", "over_dense",
+              "minus_dense", "minus_dense_se", "over_dense", f"{report.metric}_at_step0_mean",
+              f"{report.metric}_at_step0_std",
               *(f"{k}_{m}" for k in ROUTING_COLUMNS for m in ("mean", "std")), "status"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -544,7 +579,7 @@ def write_table_csv(report: Report, path: Path) -> None:
             w.writerow([*(row.label[k] for k in report.factors), row.source or "", s["n"], s["expected"], s["mean"],
                         s["std"], s["val_loss_mean"], s["active_ffn_fraction"], s["params_total"], s["params_ffn"],
                         s["ffn"], s["depth"], s["trees"], s["tokens_seen"], s["epochs"], s["wall_s_mean"], *qa_vals,
-                        *(s.get("minus_dense") or (None, None)), s.get("over_dense"),
+                        *(s.get("minus_dense") or (None, None)), s.get("over_dense"), *s["at_start"],
                         *(v for k in ROUTING_COLUMNS for v in s[k]), s["status"]])
 
 
