@@ -7,13 +7,13 @@ dependency. This script is that queue. Each grid point runs as
 
     treeffn train -m sweep=<sweep> <the point's overrides> hydra/launcher=local_serial trainer=gpu trainer.devices=[g]
 
-from the work dir, so it lands in the run dir the whole sweep would give it; `finish` then launches
-every sweep once in full (its finished runs are left as they are) so that its multirun.yaml
-holds the whole grid for `treeffn report`.
+from the work dir, so it lands in the run dir the whole sweep would give it; `finish` then
+rewrites each sweep's multirun.yaml so that it holds the whole grid for `treeffn report`.
 
     python3 scripts/gpu_queue.py start  <work dir> <plan.yaml>   # the queue, in its own session (setsid)
     python3 scripts/gpu_queue.py wait   <work dir> <seconds>     # progress until done or timeout
-    python3 scripts/gpu_queue.py finish <work dir> <out dir>     # full-grid launches, reports, records.tar.gz
+    python3 scripts/gpu_queue.py finish <work dir> <out dir>     # full-grid multirun.yaml, reports, records.tar.gz
+    python3 scripts/gpu_queue.py report <runs root> <plan.yaml>  # the same full grids and reports on copied records
 
 A plan (scripts/plans/*.yaml):
 
@@ -216,28 +216,26 @@ def _alive(work: Path) -> bool:
     return True
 
 
+def full_grid(sweep_dir: Path) -> None:
+    """Make <sweep dir>/multirun.yaml hold the whole grid: the queue launched each point with
+    the point's own values on the command line, so the last launch's file names one point.
+    Dropping the overrides of the grid's keys leaves what `treeffn train -m sweep=<name>` with the
+    same other overrides writes; treeffn report then expands the grid from it."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    cfg = OmegaConf.load(path)
+    grid = set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    task = [o for o in cfg.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") not in grid]
+    cfg.hydra.overrides.task = task
+    OmegaConf.save(cfg, path)
+
+
 def finish(work: Path, out: Path) -> None:
+    """Full-grid multirun.yaml files, the reports, and the records packed into <out>."""
     plan = load_plan(str(work / "plan.yaml"))
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **{k: str(v) for k, v in plan["env"].items()}}
-    state = json.loads((work / STATE).read_text())
-    with open(out / "finish.log", "w") as log:
-        for entry in plan["sweeps"]:
-            # The whole grid once: finished runs are left as they are, multirun.yaml gets every point.
-            # Not for a sweep with unfinished runs: that launch would train them, one after another.
-            unfinished = [j["name"] for j in state["jobs"] if j["sweep"] == entry["sweep"] and j["status"] != "finished"]
-            if unfinished:
-                print(f"{entry['sweep']}: {len(unfinished)} run(s) not finished, e.g. {unfinished[0]}; its "
-                      f"multirun.yaml is that of its last launched point", file=log, flush=True)
-                continue
-            extra = [*plan["overrides"], *entry["overrides"]]
-            trainer = [f"trainer={plan['trainer']}"] + (["trainer.devices=[0]"] if plan["trainer"] == "gpu" else [])
-            subprocess.run(["treeffn", "train", "-m", f"sweep={entry['sweep']}", *extra,
-                            "hydra/launcher=local_serial", *trainer], cwd=work, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, check=False)
-        for entry in plan["sweeps"]:
-            subprocess.run(["treeffn", "report", f"sweep={entry['sweep']}"], cwd=work, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, check=False)
+    report(work / "runs", [e["sweep"] for e in plan["sweeps"]], out / "finish.log")
     # The records only: no checkpoints, no hf/ export, no W&B binaries.
     names = ("result.json", "config.yaml", "environment.json", "command.json", "multirun.yaml", "index.jsonl",
              "runs.csv", "failure.json")
@@ -252,7 +250,22 @@ def finish(work: Path, out: Path) -> None:
     print(f"records of {len(files)} files in {out / 'records.tar.gz'}")
 
 
+def report(runs_root: Path, sweeps: list[str], log_path: Path) -> None:
+    """full_grid, then `treeffn report`, for every sweep (also usable on copied records)."""
+    with open(log_path, "w") as log:
+        for sweep in sweeps:
+            if (runs_root / "sweeps" / sweep / "multirun.yaml").exists():
+                full_grid(runs_root / "sweeps" / sweep)
+        for sweep in sweeps:
+            subprocess.run(["treeffn", "report", f"sweep={sweep}", f"runs_root={runs_root}"], stdout=log,
+                           stderr=subprocess.STDOUT, check=False)
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) >= 3 and argv[0] == "report":  # report <runs root> <plan.yaml>: on copied records
+        root = Path(argv[1]).resolve()
+        report(root, [e["sweep"] for e in load_plan(argv[2])["sweeps"]], root / "report.log")
+        return
     if len(argv) != 3 or argv[0] not in ("start", "serve", "wait", "finish"):
         sys.exit(__doc__.split("\n\n")[2])
     phase, work, arg = argv[0], Path(argv[1]).resolve(), argv[2]
