@@ -23,6 +23,7 @@ A plan (scripts/plans/*.yaml):
     retries: 1              # a failed run is started again (resume=auto continues it) this often
     overrides: []           # added to every run (a rehearsal shrinks the model here)
     env: {OMP_NUM_THREADS: "2"}
+    poll_s: 5               # seconds between looks at the running jobs
     sweeps:                 # in priority order; a sweep's points in grid order
       - sweep: finetune_opt125m_docs_pretrain
         slots: 6            # slots each of its runs takes (6: a GPU to itself)
@@ -53,6 +54,7 @@ def load_plan(path: str) -> dict:
     plan.setdefault("retries", 1)
     plan.setdefault("overrides", [])
     plan.setdefault("env", {})
+    plan.setdefault("poll_s", 5)
     for entry in plan["sweeps"]:
         entry.setdefault("slots", 1)
         entry.setdefault("after", [])
@@ -145,7 +147,7 @@ def serve(work: Path, plan_path: str) -> None:
         save()
         if not running and not any(j["status"] == "pending" for j in jobs):
             return
-        time.sleep(5)
+        time.sleep(plan["poll_s"])
 
 
 def start(work: Path, plan_path: str) -> None:
