@@ -42,13 +42,25 @@ def make_plots(report) -> dict[str, Path]:
 
 
 def plot_vs_active(report, rows, path: Path) -> Path:
-    """Tree rows as points over the share of FFN units a token uses; dense rows as level lines."""
+    """Tree rows over the share of FFN units a token uses, one line per group of the factors
+    other than depth and width (e.g. the placement), each point marked with its D and K; dense
+    rows as level lines."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lines: dict[str, list] = {}
     for row in rows:
         s = row.stats
         if s.get("ffn") != "dense":
-            ax.errorbar([100 * (s["active_ffn_fraction"] or 1.0)], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o",
-                        capsize=3, label=row.name)
+            shape = ("depth", "trees")
+            name = ", ".join(v for k, v in row.label.items() if not k.endswith(shape) and v and v != "—") or "tree"
+            lines.setdefault(name, []).append((100 * (s["active_ffn_fraction"] or 1.0), s["mean"], s["std"] or 0.0,
+                                               s.get("depth"), s.get("trees")))
+    for name, pts in lines.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name)
+        if len(pts) > 1:
+            for x, y, _, depth, trees in pts:
+                ax.annotate(f"D={depth}, K={trees}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     _dense_lines(ax, rows)
     ax.set_xscale("log")
     _labels(ax, "active FFN units per token (%)", f"{report.metric} (mean ± std over seeds)",
