@@ -237,7 +237,8 @@ def finish(work: Path, out: Path) -> None:
     """Full-grid multirun.yaml files, the reports, and the records packed into <out>."""
     plan = load_plan(str(work / "plan.yaml"))
     out.mkdir(parents=True, exist_ok=True)
-    report(work / "runs", [e["sweep"] for e in plan["sweeps"]], out / "finish.log")
+    with open(out / "finish.log", "w") as log:
+        report(work / "runs", [e["sweep"] for e in plan["sweeps"]], log)
     # The records only: no checkpoints, no hf/ export, no W&B binaries.
     names = ("result.json", "config.yaml", "environment.json", "command.json", "multirun.yaml", "index.jsonl",
              "runs.csv", "failure.json")
@@ -252,21 +253,20 @@ def finish(work: Path, out: Path) -> None:
     print(f"records of {len(files)} files in {out / 'records.tar.gz'}")
 
 
-def report(runs_root: Path, sweeps: list[str], log_path: Path) -> None:
-    """full_grid, then `treeffn report`, for every sweep (also usable on copied records)."""
-    with open(log_path, "w") as log:
-        for sweep in sweeps:
-            if (runs_root / "sweeps" / sweep / "multirun.yaml").exists():
-                full_grid(runs_root / "sweeps" / sweep)
-        for sweep in sweeps:
-            subprocess.run(["treeffn", "report", f"sweep={sweep}", f"runs_root={runs_root}"], stdout=log,
-                           stderr=subprocess.STDOUT, check=False)
+def report(runs_root: Path, sweeps: list[str], log=None) -> None:
+    """full_grid, then `treeffn report`, for every sweep (also usable on copied records); the
+    reports print to ``log`` (an open file), else to stdout."""
+    for sweep in sweeps:
+        if (runs_root / "sweeps" / sweep / "multirun.yaml").exists():
+            full_grid(runs_root / "sweeps" / sweep)
+    for sweep in sweeps:
+        subprocess.run(["treeffn", "report", f"sweep={sweep}", f"runs_root={runs_root}"], stdout=log,
+                       stderr=subprocess.STDOUT if log else None, check=False)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) >= 3 and argv[0] == "report":  # report <runs root> <plan.yaml>: on copied records
-        root = Path(argv[1]).resolve()
-        report(root, [e["sweep"] for e in load_plan(argv[2])["sweeps"]], root / "report.log")
+        report(Path(argv[1]), [e["sweep"] for e in load_plan(argv[2])["sweeps"]])
         return
     if len(argv) != 3 or argv[0] not in ("start", "serve", "wait", "finish"):
         sys.exit(__doc__.split("\n\n")[2])
