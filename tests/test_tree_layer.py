@@ -125,6 +125,28 @@ def test_visit_counts_follow_the_paths():
         assert counts[:, lo:hi].sum(dim=1).tolist() == [50, 50]
 
 
+@pytest.mark.parametrize("placement", ["node", "post_sum"])
+def test_training_statistics_from_the_mask_equal_the_walks(placement):
+    """The masked pass counts visits and per-level logit sums from its path mask (column sums);
+    the gather pass from the walked paths: the same numbers for the same tokens."""
+    torch.manual_seed(1)
+    layer = random_layer(6, 4, 3, placement, "gelu", True)
+    x = torch.randn(300, 6, dtype=torch.float64)
+    x[:7] = 0  # ties at the nodes whose bias is <= 0
+    stats = {}
+    for mode, impl in (("train", "masked"), ("eval", "gather")):
+        layer.impl = impl
+        getattr(layer, mode)()
+        layer.node_visits.zero_()
+        layer.level_logits.zero_()
+        layer(x)
+        stats[impl] = (layer.node_visits.clone(), layer.level_logits.clone())
+    assert torch.equal(stats["masked"][0], stats["gather"][0])
+    assert stats["masked"][0].view(3, -1)[:, 0].tolist() == [300, 300, 300]
+    torch.testing.assert_close(stats["masked"][1], stats["gather"][1], rtol=1e-5, atol=1e-4)
+    assert stats["masked"][1][1].tolist() == [900.0] * 5
+
+
 def test_parameter_count_and_active_fraction():
     layer = TreeFFN(768, 6, 24)
     assert layer.total_nodes == 3048 and layer.active_nodes == 168

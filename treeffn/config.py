@@ -251,6 +251,8 @@ def validate_train_config(cfg: dict) -> None:
     val_at_start = trainer.get("val_at_start", "auto")
     if not (val_at_start == "auto" or isinstance(val_at_start, bool)):
         raise ConfigError(f"trainer.val_at_start={val_at_start!r} is not allowed; choose one of: auto, true, false")
+    if not isinstance(trainer.get("compile", False), bool):
+        raise ConfigError(f"trainer.compile={trainer.get('compile')!r} is not allowed; choose true or false")
     _int_at_least("optim.warmup_steps", optim.get("warmup_steps"), 0)
     _int_at_least("checkpoint.every_n_steps", cfg["checkpoint"].get("every_n_steps"), 1)
     _int_at_least("guard.max_non_finite_steps", cfg.get("guard", {}).get("max_non_finite_steps"), 1)

@@ -136,14 +136,20 @@ class TextDataModule(L.LightningDataModule):
             accumulate=accumulate, rank=rank, world_size=world,
         )
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_blocks,
-                          num_workers=int(self.cfg.get("num_workers", 0)))
+                          num_workers=int(self.cfg.get("num_workers", 0)), pin_memory=self._to_cuda())
+
+    def _to_cuda(self) -> bool:
+        """Whether batches go to a GPU: then they are pinned, because a copy from pageable memory
+        makes the host wait until the GPU has finished all queued work (a sync every step)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._ranks()
         kept = limited_blocks(len(self.val_set), self.batch_size, self.val_limit)
         sampler = ShardedEvalBatches(kept, self.batch_size, rank=rank, world_size=world)
         return DataLoader(self.val_set, batch_sampler=sampler, collate_fn=collate_blocks,
-                          num_workers=int(self.cfg.get("num_workers", 0)))
+                          num_workers=int(self.cfg.get("num_workers", 0)), pin_memory=self._to_cuda())
 
     # The global batch in blocks travels in checkpoints: resuming with another one would put
     # the data position (global_step x blocks) and the token count off (see check_resume_batch).

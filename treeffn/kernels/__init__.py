@@ -53,6 +53,10 @@ def auto_impl(x, training: bool) -> str:
     gather up to ``cpu_gather_max_tokens()`` tokens (16; 8 with one thread), masked above.
     """
     if x.is_cuda:
+        import torch
+
+        if torch.compiler.is_compiling():
+            return "masked"  # trainer.compile: the path torch.compile can fuse (treeffn/training/compiling.py)
         if x.shape[0] <= AUTO_TRITON_MAX_TOKENS and triton_available():
             return "triton"
         return "masked"  # the gather path is 50-100x slower than dense on a GPU (docs/design.md, "Speed")

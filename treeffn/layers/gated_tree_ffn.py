@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from treeffn.layers.path_ops import row_dots, weighted_rows
-from treeffn.layers.routing import global_node_index, route_from_logits
+from treeffn.layers.routing import path_from_mask, path_mask
 from treeffn.layers.tree_ffn import TreeFFN
 
 
@@ -88,9 +88,9 @@ class GatedTreeFFN(TreeFFN):
     def forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = F.linear(x, self.w_in, self.b_in)
         up = F.linear(x, self.w_up)
-        path = route_from_logits(z.detach(), self.trees, self.depth)
-        rows = global_node_index(path, self.depth).view(x.shape[0], -1)
-        mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
+        mask = path_mask(z.detach(), self.trees, self.depth)
+        path = path_from_mask(mask, self.depth)
+        mask = mask.view(z.shape)
         if self.placement == "node":
             return (self.act(z) * up * mask) @ self.w_out, path
         return self.act((z * mask) @ self.w_out) * ((up * mask) @ self.w_out), path

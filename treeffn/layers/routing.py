@@ -57,6 +57,32 @@ def route_from_logits(z: torch.Tensor, trees: int, depth: int, routing_nodes: in
     return torch.cat(nodes, dim=2)
 
 
+@torch.no_grad()
+def path_mask(z: torch.Tensor, trees: int, depth: int) -> torch.Tensor:
+    """Which nodes are on each token's path, from the pre-activations of all nodes: (T, trees,
+    N) bool, heap order. The same rule as ``descend`` (right iff z > 0), written level by level
+    with element-wise operations only (a child is on the path iff its parent is and the parent
+    chose its side), so that torch.compile fuses the whole routing into one kernel; no gather,
+    no scatter, no index tensor.
+    """
+    z = z.view(z.shape[0], trees, nodes_per_tree(depth))
+    level = torch.ones(z.shape[0], trees, 1, dtype=torch.bool, device=z.device)  # the root
+    levels = [level]
+    for lvl in range(depth):
+        first = 2**lvl - 1  # heap index of the level's first node; its 2^lvl nodes follow
+        right = z[:, :, first:first + 2**lvl] > 0
+        # children of node j of this level are nodes 2j (left) and 2j+1 (right) of the next
+        level = torch.stack((level & ~right, level & right), dim=-1).flatten(2)
+        levels.append(level)
+    return torch.cat(levels, dim=2)
+
+
+def path_from_mask(mask: torch.Tensor, depth: int) -> torch.Tensor:
+    """(T, trees, N) path mask -> (T, trees, depth + 1) local node index per level."""
+    return torch.stack([mask[:, :, 2**lvl - 1:2**(lvl + 1) - 1].int().argmax(dim=2) + 2**lvl - 1
+                        for lvl in range(depth + 1)], dim=2).long()
+
+
 def global_node_index(path: torch.Tensor, depth: int) -> torch.Tensor:
     """Local (per-tree) node indices -> row indices into the (trees * N, d) parameter tables."""
     trees = path.shape[1]

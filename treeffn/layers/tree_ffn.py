@@ -11,7 +11,10 @@ The path is a constant of the forward pass (stop-gradient): no router, no estima
 auxiliary loss; nodes off the path get exactly zero gradient.
 
 Two implementations compute the same function:
-  * ``masked`` (training): one GEMM over all nodes, a 0/1 path mask, a second GEMM.
+  * ``masked`` (training): one GEMM over all nodes, a 0/1 path mask, a second GEMM. The mask
+    is built with element-wise operations only (``routing.path_mask``) and the routing
+    statistics are read from it, so under ``torch.compile`` (``trainer.compile=true``) routing,
+    mask, activation and statistics fuse around the two GEMMs.
   * ``gather`` (inference): walks the levels and touches only the path rows.
 """
 
@@ -25,7 +28,7 @@ from treeffn import kernels
 from treeffn.config import IMPLS, PLACEMENTS
 from treeffn.activations import get_activation
 from treeffn.layers.path_ops import FULL_PRECISION, gather_chunk_tokens, row_dots, weighted_rows
-from treeffn.layers.routing import descend, global_node_index, nodes_per_tree, route_from_logits
+from treeffn.layers.routing import descend, global_node_index, nodes_per_tree, path_from_mask, path_mask
 
 
 class TreeFFN(nn.Module):
@@ -111,6 +114,11 @@ class TreeFFN(nn.Module):
         impl = self.impl
         if impl == "auto":
             impl = kernels.auto_impl(flat, self.training)  # the fastest measured path for device and batch
+        if impl == "masked":
+            y, z, mask = self._masked(flat)
+            if self.track_stats:
+                self._count_mask(z, mask)
+            return y.view(x.shape)
         if impl == "triton":
             from treeffn.kernels import tree_ffn_triton
 
@@ -145,16 +153,27 @@ class TreeFFN(nn.Module):
                 and kernels.triton_available())
 
     def forward_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training path: all node pre-activations in one GEMM, mask to the path, second GEMM."""
+        """Training path: all node pre-activations in one GEMM, mask to the path, second GEMM.
+        Returns (y, path); ``forward`` uses ``_masked`` and counts from the mask instead."""
+        y, _, mask = self._masked(x)
+        return y, path_from_mask(mask.view(x.shape[0], self.trees, self.nodes), self.depth)
+
+    def _masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, z, mask): the output, every node's pre-activation (T, K*N) and the path mask (T, K*N)."""
         z = F.linear(x, self.w_in, self.b_in)
-        path = route_from_logits(z.detach(), self.trees, self.depth)
-        rows = global_node_index(path, self.depth).view(x.shape[0], -1)
-        mask = torch.zeros_like(z).scatter_(1, rows, 1.0)
-        if self.track_stats:
-            self._sum_level_logits(z.detach().gather(1, rows).view(path.shape))
+        mask = path_mask(z.detach(), self.trees, self.depth).view(z.shape)
         if self.placement == "node":
-            return (self.act(z) * mask) @ self.w_out, path
-        return self.act((z * mask) @ self.w_out), path
+            return (self.act(z) * mask) @ self.w_out, z, mask
+        return self.act((z * mask) @ self.w_out), z, mask
+
+    @torch.no_grad()
+    def _count_mask(self, z: torch.Tensor, mask: torch.Tensor) -> None:
+        """Visits and per-level logit sums of a masked pass, on the device: column sums of the mask."""
+        self.node_visits += mask.view(-1, self.total_nodes).sum(0)
+        per_node = torch.where(mask, z.detach(), 0).float().sum(0).view(self.trees, self.nodes).sum(0)
+        per_level = torch.stack([per_node[2**lvl - 1:2**(lvl + 1) - 1].sum() for lvl in range(self.depth + 1)])
+        self.level_logits[0] += per_level.double()
+        self.level_logits[1] += z.shape[0] * self.trees
 
     def forward_gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference path: touches only the D+1 path rows of each tree."""

@@ -11,6 +11,10 @@ Two regimes:
 
 Tree models are built as the registered tree classes (treeffn/models/hf.py), so
 ``save_hf`` writes a dir that ``AutoModelForCausalLM.from_pretrained`` reloads.
+
+Every weight is initialised once, by the law it would have had anyway (the family's
+``_init_weights``, the tree layers' ``reset_parameters``), or not at all where it is copied from
+the checkpoint: treeffn/models/weight_init.py says how.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from torch import nn
 from treeffn.config import ConfigError
 from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES, LeafFFN, PrunedLeafFFN, PrunedTreeFFN, TreeFFN
 from treeffn.layers.dense_ffn import dense_units
-from treeffn.models.families import FAMILIES, config_widths, hf_config_kwargs
+from treeffn.models.families import FAMILIES, config_widths, hf_config_kwargs, init_std_of
 from treeffn.models.swap import ffn_modules, model_family, swap_mlp, tree_layers
 from treeffn.models.tree_settings import TreeSpec, make_tree_layer
+from treeffn.models.weight_init import from_config_once, init_tree_layer, new_stock_model, no_weight_init
 
 
 def opt_config(model_cfg: dict, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
@@ -63,7 +68,8 @@ def build_model(model_cfg: dict, tree_cfg: dict, vocab_size: int, pad_id: int, b
         model = TREE_CLASSES[family_name][2](config)
     else:
         config = family.load("config_class")(**hf_config_kwargs(model_cfg, vocab_size, pad_id, bos_id, eos_id))
-        model = family.load("lm_class")(config)
+        # Initialised before the swap: GPT-2's law finds its scaled c_proj weights by module.
+        model = new_stock_model(family.load("lm_class"), config)
         # Same computation as the stock model; the wrapper only gives every FFN one module.
         swap_mlp(model, lambda dense: dense)
     freeze(model, model_cfg.get("freeze") or "none")
@@ -87,26 +93,34 @@ def _from_checkpoint(model_cfg: dict, tree_cfg: dict, vocab_size: int, pretraine
     if widths["hidden_size"] != model_cfg["hidden_size"]:
         raise ConfigError(f"model.hidden_size={model_cfg['hidden_size']} does not match the checkpoint in {path} "
                           f"(hidden size {widths['hidden_size']})")
-    if pretrained:
-        from treeffn.models.hf import no_weight_bars
-
-        with no_weight_bars():
-            dense = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    else:
-        dense = AutoModelForCausalLM.from_config(dense_config)
     family = FAMILIES[family_name]
-    if tree_cfg["ffn"] != "tree":
+    tree = tree_cfg["ffn"] == "tree"
+    if tree:
+        # Checkpoint widths are the truth for the tree's parameter matching too.
+        spec = TreeSpec.from_config({**model_cfg, "ffn_dim": widths["ffn_dim"]}, tree_cfg, family.gated)
+        from treeffn.models.hf import TREE_CLASSES
+
+        tree_cls_config, tree_cls = TREE_CLASSES[family_name][1], TREE_CLASSES[family_name][2]
+        config = tree_cls_config.from_dict({**dense_config.to_dict(), "model_type": tree_cls_config.model_type,
+                                            "tree": spec.to_dict()})
+    if not pretrained:
+        # Shapes only (a run's own checkpoint is loaded over every weight): the checkpoint's
+        # architecture at random, each weight initialised once, no dense model to copy from.
+        if not tree:
+            return swap_mlp(from_config_once(dense_config), lambda d: d)
+        return tree_cls(config)
+    from treeffn.models.hf import no_weight_bars
+
+    with no_weight_bars():
+        dense = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    if not tree:
         swap_mlp(dense, lambda d: d)
         return dense
-    # Checkpoint widths are the truth for the tree's parameter matching too.
-    model_cfg = {**model_cfg, "ffn_dim": widths["ffn_dim"]}
-    spec = TreeSpec.from_config(model_cfg, tree_cfg, family.gated)
-    from treeffn.models.hf import TREE_CLASSES
-
-    tree_cls_config, tree_cls = TREE_CLASSES[family_name][1], TREE_CLASSES[family_name][2]
-    config = tree_cls_config.from_dict({**dense_config.to_dict(), "model_type": tree_cls_config.model_type,
-                                        "tree": spec.to_dict()})
-    model = tree_cls(config)
+    # Built without any init: the non-MLP weights are copied from the checkpoint below, and the
+    # tree layers get their one init (random or from_dense) after that.
+    with no_weight_init():
+        model = tree_cls(config)
+    model.tie_weights()  # post_init ties; under no_weight_init it did not
     dense_state = dense.state_dict()
     tree_state = model.state_dict()
     # Everything but the MLPs: keys the two models share, same shapes; copied exactly.
@@ -117,12 +131,15 @@ def _from_checkpoint(model_cfg: dict, tree_cfg: dict, vocab_size: int, pretraine
         raise ConfigError(f"model.init_from={path}: the checkpoint lacks {len(not_ffn)} non-MLP weights "
                           f"(e.g. {not_ffn[0]}); is it a {family_name} model of this shape?")
     if tree_cfg.get("init", "random") == "from_dense":
-        if not pretrained:
-            return model  # shapes only: the run's own checkpoint overwrites everything
         from treeffn.models.from_dense import init_from_dense
 
+        # init_from_dense writes every parameter of the layer (tests/test_model_build.py checks it).
         for tree_layer, dense_ffn in zip(ffn_modules(model), _dense_mlps(dense)):
             init_from_dense(tree_layer, dense_ffn)
+    else:
+        std = init_std_of(config)
+        for tree_layer in ffn_modules(model):
+            init_tree_layer(tree_layer, std)
     return model
 
 

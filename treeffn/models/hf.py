@@ -2,7 +2,9 @@
 
 Each supported family gets a config subclass that adds one ``tree`` dict (see
 treeffn/models/tree_settings.py) under its own ``model_type``, and a model subclass whose
-``__init__`` builds the stock model and swaps its MLPs for the configured tree layers:
+``__init__`` builds the stock model and swaps its MLPs for the configured tree layers (each weight
+initialised once: the stock part by the family's ``_init_weights``, the stock MLPs not at all,
+the tree layers by their own ``reset_parameters``; see treeffn/models/weight_init.py):
 
     treeffn_opt    TreeOPTConfig(OPTConfig)     TreeOPTForCausalLM(OPTForCausalLM)
     treeffn_gpt2   TreeGPT2Config(GPT2Config)   TreeGPT2LMHeadModel(GPT2LMHeadModel)
@@ -26,7 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM
 
 from treeffn.layers import DENSE_LAYER_TYPES, TREE_LAYER_TYPES
-from treeffn.models.families import FAMILIES, find_decoder_layers, get_ffn, init_std_of
+from treeffn.models.families import FAMILIES, dense_of, find_decoder_layers, get_ffn, init_std_of
 from treeffn.models.hf_config import (
     CONFIG_CLASSES,
     TREE_MODEL_TYPES,
@@ -37,6 +39,12 @@ from treeffn.models.hf_config import (
 )
 from treeffn.models.swap import ffn_modules, swap_mlp
 from treeffn.models.tree_settings import TreeSpec, make_pruned_layer, make_tree_layer
+from treeffn.models.weight_init import (
+    init_tree_layer,
+    init_weights_once,
+    is_initialisable_tree_layer,
+    no_weight_init,
+)
 
 
 def install_tree_layers(model: nn.Module, config) -> None:
@@ -53,28 +61,79 @@ def install_tree_layers(model: nn.Module, config) -> None:
         swap_mlp(model, lambda dense: make_tree_layer(spec, d_model, std))
 
 
+def _stock_mlp_parameters(model: nn.Module) -> list[nn.Parameter]:
+    family, layers = find_decoder_layers(model)
+    return [p for layer in layers for p in dense_of(family, layer).parameters()]
+
+
+def _finish_tree_init(model: nn.Module, config) -> None:
+    """The tree classes' ``__init__`` after the stock ``__init__`` ran under ``no_weight_init``."""
+    # The stock law for everything but the MLPs, which are replaced right after (not drawn).
+    init_weights_once(model, skip=_stock_mlp_parameters(model))
+    # Each tree layer's constructor draws its own law once (nothing under an enclosing
+    # no_weight_init, nothing real on the meta device of from_pretrained).
+    install_tree_layers(model, config)
+    if next(model.parameters()).device.type != "meta":
+        for layer in model.modules():
+            if is_initialisable_tree_layer(layer):
+                layer._is_hf_initialized = True  # as HF flags the modules its init pass did
+
+
+def _init_unloaded_tree_layers(model: nn.Module) -> None:
+    """The tree part of ``initialize_weights``, which ``from_pretrained`` runs after loading.
+
+    HF's pass reaches the tree layers through the stock model's ``_init_weights``, which does not
+    know them: a tree weight missing from the checkpoint and the non-persistent ``level_logits``
+    (left as ``torch.empty`` by from_pretrained) would stay garbage. Here they get the layer's law;
+    loaded tensors carry ``_is_hf_initialized`` and the guarded init functions leave them as loaded.
+    """
+    from transformers.initialization import guard_torch_init_functions
+
+    std = init_std_of(model.config)
+    with guard_torch_init_functions():
+        for layer in model.modules():
+            if is_initialisable_tree_layer(layer) and not getattr(layer, "_is_hf_initialized", False):
+                init_tree_layer(layer, std)
+                layer._is_hf_initialized = True
+
+
 class TreeOPTForCausalLM(OPTForCausalLM):
     config_class = TreeOPTConfig
 
     def __init__(self, config: TreeOPTConfig):
-        super().__init__(config)
-        install_tree_layers(self, config)
+        with no_weight_init():  # nothing drawn twice: see _finish_tree_init
+            super().__init__(config)
+        _finish_tree_init(self, config)
+
+    def initialize_weights(self):
+        _init_unloaded_tree_layers(self)  # first: HF's pass flags every module it visits
+        super().initialize_weights()
 
 
 class TreeGPT2LMHeadModel(GPT2LMHeadModel):
     config_class = TreeGPT2Config
 
     def __init__(self, config: TreeGPT2Config):
-        super().__init__(config)
-        install_tree_layers(self, config)
+        with no_weight_init():
+            super().__init__(config)
+        _finish_tree_init(self, config)
+
+    def initialize_weights(self):
+        _init_unloaded_tree_layers(self)
+        super().initialize_weights()
 
 
 class TreeLlamaForCausalLM(LlamaForCausalLM):
     config_class = TreeLlamaConfig
 
     def __init__(self, config: TreeLlamaConfig):
-        super().__init__(config)
-        install_tree_layers(self, config)
+        with no_weight_init():
+            super().__init__(config)
+        _finish_tree_init(self, config)
+
+    def initialize_weights(self):
+        _init_unloaded_tree_layers(self)
+        super().initialize_weights()
 
 
 # family name -> (stock config, tree config, tree model)
@@ -118,7 +177,9 @@ def as_tree_model(model: nn.Module) -> nn.Module:
     config_cls = TREE_CLASSES[family.name][1]
     config = config_cls.from_dict({**model.config.to_dict(), "model_type": config_cls.model_type,
                                    "tree": spec.to_dict()})
-    new = TREE_CLASSES[family.name][2](config)
+    with no_weight_init():  # every weight is loaded right below: nothing to draw
+        new = TREE_CLASSES[family.name][2](config)
+    new.tie_weights()  # post_init ties; under no_weight_init it did not
     new.load_state_dict(model.state_dict(), strict=True)
     return new.train(model.training)
 

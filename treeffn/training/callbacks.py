@@ -19,6 +19,7 @@ class Throughput(L.Callback):
         self.tokens_per_step = tokens_per_step
         self._t0 = self._window_start = None
         self._window_steps = 0
+        self.peak_memory_gib_per_rank: list[float] | None = None  # GPUs only, at the end of training
 
     def on_train_start(self, trainer, pl_module):
         self._t0 = self._window_start = time.perf_counter()
@@ -37,6 +38,13 @@ class Throughput(L.Callback):
             if pl_module.device.type == "cuda":
                 pl_module.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
             self._window_start, self._window_steps = now, 0
+
+    def on_train_end(self, trainer, pl_module):
+        # Every rank's own peak (ranks may differ: FSDP's root unit, uneven buffers), gathered once.
+        if pl_module.device.type == "cuda":
+            peak = torch.tensor(torch.cuda.max_memory_allocated(pl_module.device) / 2**30, device=pl_module.device)
+            peaks = pl_module.all_gather(peak) if trainer.world_size > 1 else peak.view(1)
+            self.peak_memory_gib_per_rank = [round(float(v), 2) for v in peaks.flatten()]
 
     def on_validation_start(self, trainer, pl_module):
         self._val_start = time.perf_counter()

@@ -133,7 +133,11 @@ class CausalLMModule(L.LightningModule):
         o = self.optim_cfg
         groups = parameter_groups(self.model, o["weight_decay"], self.matrices, o["lr"], o.get("tree_lr_scale", 1.0),
                                   self.tree_parameters)
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        # Fused: one kernel for the whole update, and it can skip a non-finite step on the device
+        # (NonFiniteGuard). Not under fp16's GradScaler, which Lightning cannot clip through then.
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        fused = not precision.startswith("16")
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], self.max_steps, o["min_lr_ratio"])
         )

@@ -43,5 +43,8 @@ class StepProgressBar(RichProgressBar):
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+        # The metrics shown (the loss) are read from the device: a host sync, so only on the
+        # steps Lightning logs anyway, not every step.
+        if not trainer.global_step % trainer.log_every_n_steps or trainer.global_step >= trainer.max_steps:
+            self._update_metrics(trainer, pl_module)
         self.refresh()

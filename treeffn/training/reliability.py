@@ -52,21 +52,68 @@ class RNGState(L.Callback):
 
 class NonFiniteGuard(L.Callback):
     """Skips an optimizer step whose gradients are not finite (a NaN/inf loss gives such
-    gradients) by dropping them, so AdamW leaves weights and moments untouched; stops the run
-    after ``max_consecutive`` skipped steps in a row."""
+    gradients), so AdamW leaves weights and moments untouched; stops the run after
+    ``max_consecutive`` skipped steps in a row.
+
+    Decided on the device, so that no step waits for the host: the gradients' norms are checked
+    there and the fused AdamW skips the update itself when its ``found_inf`` says so (what
+    GradScaler uses for fp16). The counts are read on the host every ``trainer.log_every_n_steps``
+    steps (a stop comes at most that many steps late; the steps in between are skipped too).
+    Optimizers without that argument (fp16 with its GradScaler, which skips such steps itself)
+    are guarded the old way, reading the flag every step.
+    """
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
         self.streak = 0
         self.skipped = 0
         self.stop_reason: str | None = None
+        self._device_counts: torch.Tensor | None = None  # [skipped, streak, longest streak]
+        self._skipped_at_read = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else True
-        # Every rank must decide alike: under FSDP each one sees only its shard's gradients.
-        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
+        if not grads:
+            return
+        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
+        if trainer.world_size > 1:  # under FSDP each rank sees only its shard of the gradients
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if not skips_on_device(trainer, torch_optimizer):
+            self._on_host(trainer, pl_module, bool(bad))
+            return
+        torch_optimizer.found_inf, torch_optimizer.grad_scale = bad, None
+        counts = self._device_counts
+        if counts is None or counts.device != bad.device:
+            counts = self._device_counts = torch.zeros(3, device=bad.device)
+        counts[0] += bad
+        counts[1] = (counts[1] + bad) * bad  # the streak: +1 on a skipped step, back to 0 on a good one
+        counts[2] = torch.maximum(counts[2], counts[1])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not (batch_idx + 1) % trainer.accumulate_grad_batches and \
+                not trainer.global_step % trainer.log_every_n_steps:
+            self._read(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._read(trainer, pl_module, log=False)  # Lightning allows no logging here
+
+    def _read(self, trainer, pl_module, log: bool = True) -> None:
+        """The device's counts to the host (one transfer); log new skips, stop on a long streak."""
+        if self._device_counts is None:
+            return
+        skipped, self.streak, longest = (int(v) for v in self._device_counts.tolist())
+        self.skipped = self._skipped_at_read + skipped
+        if skipped and log:
+            pl_module.log("train/skipped_non_finite", float(self.skipped))
+        if longest >= self.max_consecutive and self.stop_reason is None:
+            self.stop_reason = (f"at least {self.max_consecutive} consecutive steps with a non-finite loss or "
+                                f"gradients (up to step {trainer.global_step}); weights are those of the last "
+                                f"finite step")
+            trainer.should_stop = True
+
+    def _on_host(self, trainer, pl_module, bad: bool) -> None:
+        if not bad:
             self.streak = 0
             return
         for p in pl_module.parameters():
@@ -80,10 +127,20 @@ class NonFiniteGuard(L.Callback):
             trainer.should_stop = True
 
     def state_dict(self) -> dict:
+        if self._device_counts is not None:  # a checkpoint is written: the host reads anyway
+            self.skipped = self._skipped_at_read + int(self._device_counts[0])
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.skipped = int(state_dict.get("skipped", 0))
+        self.skipped = self._skipped_at_read = int(state_dict.get("skipped", 0))
+        self._device_counts = None
+
+
+def skips_on_device(trainer, optimizer) -> bool:
+    """Whether ``optimizer`` can skip a step on the device through ``found_inf`` (fused Adam and
+    AdamW can) and no GradScaler (fp16) sets that argument itself."""
+    fused = all(group.get("fused") for group in optimizer.param_groups)
+    return fused and getattr(trainer.precision_plugin, "scaler", None) is None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -145,7 +202,11 @@ class Preemption(L.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         # A signal may reach one rank only (kill, Ctrl-C): all ranks stop together, or rank 0
-        # would wait in the checkpoint's barrier for ranks that trained on.
+        # would wait in the checkpoint's barrier for ranks that trained on. That takes a
+        # collective, which waits for the step to finish: several ranks ask every
+        # log_every_n_steps steps only (a stop comes that many steps late at most).
+        if trainer.world_size > 1 and trainer.global_step % trainer.log_every_n_steps:
+            return
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         self.received = self.received or "a signal to another rank"

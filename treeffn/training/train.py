@@ -265,6 +265,10 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
 
     t = cfg["trainer"]
     module = CausalLMModule(model, cfg["optim"], max_steps=t["max_steps"])
+    if t.get("compile"):
+        from treeffn.training.compiling import compile_decoder_layers
+
+        compile_decoder_layers(model)  # in place, after the module read the parameter names
     tree_cfg = cfg["tree"]
     # Every tree family keeps node_visits in the heap layout (leaf family: routers + leaves).
     with_stats = tree_cfg["ffn"] == "tree" and tree_cfg.get("track_stats", True)
@@ -384,6 +388,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         "seed": cfg["seed"],
         "routing": {**routing.last, "train_window": routing.last_window} if routing.last else None,
         "precision": precision,
+        "peak_memory_gib_per_rank": throughput.peak_memory_gib_per_rank,
+        "compile": bool(t.get("compile")),
         "run_dir": str(run_dir),
     }
     if "hard_soft_gap" in val:  # leaf family: soft-mixture loss and the hard-minus-soft gap
