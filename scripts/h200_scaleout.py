@@ -28,38 +28,57 @@ from pathlib import Path
 T0 = time.perf_counter()
 
 
-def jobs(corpus: Path | None, smoke: bool) -> list[dict]:
-    """(name, overrides, steps, rough seconds needed) in priority order."""
+def corpus_file(corpus: Path, name: str) -> Path:
+    """The stream, or its .xz copy (what travels to the GPU machine; data=tokens reads either)."""
+    return corpus / name if (corpus / name).exists() else corpus / f"{name}.xz"
+
+
+def jobs(corpus: Path | None, smoke: bool, work: Path) -> list[dict]:
+    """(name, overrides, steps, rough seconds needed) in priority order: two rounds, the one- and
+    two-device runs of each pair alternating, and an FSDP checkpoint resumed on one device."""
     if smoke:
         data = ["data=embedded"]
         m125 = ["model=tiny", "tree.depth=3", "data.block_size=64", "data.batch_size=4"]
         m13 = ["model=tiny", "tree.depth=2", "data.block_size=64", "data.batch_size=2"]
-        one, two, fsdp = ["trainer=cpu"], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], None
-        s125, s13 = 20, 10
+        one, two = ["trainer=cpu"], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+        fsdp = two  # Lightning's FSDP needs GPUs: the CPU check runs the same jobs under DDP
+        s125, s13 = 20, 12
     else:
-        data = ["data=tokens", f"data.path={corpus / 'train.u16'}", f"data.val_path={corpus / 'validation.u16'}"]
+        data = ["data=tokens", f"data.path={corpus_file(corpus, 'train.u16')}",
+                f"data.val_path={corpus_file(corpus, 'validation.u16')}"]
         m125 = ["model=opt125m", "tree.depth=6", "data.block_size=512", "data.batch_size=32"]
         m13 = ["model=opt1.3b", "tree.depth=6", "data.block_size=2048", "data.batch_size=4"]
         one, two, fsdp = ["trainer=gpu"], ["trainer=ddp", "trainer.devices=2"], ["trainer=fsdp", "trainer.devices=2"]
-        s125, s13 = 200, 60
+        s125, s13 = 200, 50
     tok125 = 2 * (4 if smoke else 32) * (64 if smoke else 512)   # two micro-batches: 1 GPU accumulates 2
     tok13 = 2 * (2 if smoke else 4) * (64 if smoke else 2048)
-    common = [*data, "seed=0", "logger=csv", "trainer.log_every_n_steps=5", "trainer.limit_val_batches=16",
+    # Default loggers (W&B offline and CSV), as a user runs it.
+    common = [*data, "seed=0", "trainer.log_every_n_steps=5", "trainer.limit_val_batches=16",
               "optim.warmup_steps=20", "resume=never"]
+    kept = (s13 // 2) // 5 * 5 - 1  # a checkpoint whose next step is a logged one (every 5th step is)
 
-    def job(name, model, trainer, steps, tokens, need_s):
+    def job(name, model, trainer, steps, tokens, need_s, extra=()):
         return {"name": name, "steps": steps, "need_s": need_s,
                 "overrides": [*model, *trainer, *common, f"optim.global_batch_tokens={tokens}",
                               f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                              f"checkpoint.every_n_steps={steps}"]}
+                              f"checkpoint.every_n_steps={steps}", *extra]}
 
-    out = [job("opt125m_tree_ddp2", m125, two, s125, tok125, 60),
-           job("opt125m_tree_gpu1", m125, one, s125, tok125, 60)]
-    if fsdp:
-        out.append(job("opt1.3b_tree_fsdp2", m13, fsdp, s13, tok13, 150))
-        out.append(job("opt1.3b_tree_gpu1", m13, one, s13, tok13, 110))
-        out.append(job("opt125m_tree_fsdp2", m125, fsdp, s125, tok125, 60))
-    return out
+    fsdp_kept = job("opt1.3b_tree_fsdp2_r1", m13, fsdp, s13, tok13, 150,
+                    [f"checkpoint.every_n_steps={kept}", "checkpoint.keep_all=true"])
+    fsdp_kept["overrides"].remove(f"checkpoint.every_n_steps={s13}")
+    resume = job("opt1.3b_tree_fsdp_resumed_gpu1", m13, one, kept + 1, tok13, 70)
+    resume["overrides"] = [o.replace("resume=never", f"resume={work / fsdp_kept['name'] / 'checkpoints'}"
+                                                       f"/step{kept:07d}.ckpt") for o in resume["overrides"]]
+    resume["resumes"] = (fsdp_kept["name"], kept)
+    return [job("opt125m_tree_ddp2_r1", m125, two, s125, tok125, 50),
+            job("opt125m_tree_gpu1_r1", m125, one, s125, tok125, 50),
+            fsdp_kept,
+            job("opt1.3b_tree_gpu1_r1", m13, one, s13, tok13, 100),
+            resume,
+            job("opt125m_tree_gpu1_r2", m125, one, s125, tok125, 50),
+            job("opt125m_tree_ddp2_r2", m125, two, s125, tok125, 50),
+            job("opt1.3b_tree_gpu1_r2", m13, one, s13, tok13, 100),
+            job("opt1.3b_tree_fsdp2_r2", m13, fsdp, s13, tok13, 120)]
 
 
 def read_run(run: Path) -> dict:
@@ -68,7 +87,7 @@ def read_run(run: Path) -> dict:
     if (run / "result.json").exists():
         result = json.loads((run / "result.json").read_text())
         info.update({k: result.get(k) for k in ("status", "steps", "tokens_seen", "val_loss", "val_ppl", "wall_s",
-                                                 "params_total", "active_ffn_fraction")})
+                                                 "params_total", "active_ffn_fraction", "peak_memory_gib_per_rank")})
     rates, per_device, peak, losses = [], [], [], {}
     for path in sorted((run / "logs" / "csv").glob("metrics*.csv")):
         with open(path) as f:
@@ -108,12 +127,28 @@ def compare(summary: dict, a: str, b: str) -> dict | None:
             "val_loss": [ra.get("val_loss"), rb.get("val_loss")]}
 
 
+def resume_check(summary: dict) -> dict | None:
+    """The FSDP run's loss at the step after its kept checkpoint against the same step trained
+    on one device from that checkpoint."""
+    resumed = summary["runs"].get("opt1.3b_tree_fsdp_resumed_gpu1", {})
+    source = summary["runs"].get("opt1.3b_tree_fsdp2_r1", {})
+    if not resumed.get("train_loss") or not source.get("train_loss"):
+        return None
+    step = max(resumed["train_loss"])  # the CSV's step of the one step trained after the resume
+    if step not in source["train_loss"]:
+        return None
+    a, b = source["train_loss"][step], resumed["train_loss"][step]
+    return {"step_logged": step, "fsdp_two_devices": a, "resumed_one_device": b, "abs_diff": abs(a - b),
+            "resumed_status": resumed.get("status")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--corpus", type=Path, default=Path(".corpus"))
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for all jobs together")
     ap.add_argument("--smoke", action="store_true", help="tiny models, 2 CPU processes (gloo), no FSDP")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these jobs (names as in the summary)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "treeffn-scaleout"
@@ -129,7 +164,8 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the summary says what could not be read
         summary["device"] = f"unknown ({e})"
     corpus = args.corpus.resolve()
-    for job in jobs(corpus, args.smoke):
+    all_jobs = [j for j in jobs(corpus, args.smoke, work) if args.only is None or j["name"] in args.only]
+    for job in all_jobs:
         left = args.budget - (time.perf_counter() - T0)
         if left < job["need_s"]:
             summary["skipped"].append(f"{job['name']}: {left:.0f} s left, needs ~{job['need_s']} s")
@@ -155,10 +191,19 @@ def main() -> None:
         if run.exists():
             for path in (run / "logs" / "csv").glob("metrics*.csv"):
                 shutil.copy(path, args.out / f"{job['name']}.{path.name}")
-    for one, two in [("opt125m_tree_gpu1", "opt125m_tree_ddp2"), ("opt1.3b_tree_gpu1", "opt1.3b_tree_fsdp2"),
-                     ("opt125m_tree_gpu1", "opt125m_tree_fsdp2")]:
-        if (c := compare(summary, one, two)) is not None:
-            summary.setdefault("comparisons", []).append(c)
+            if (run / "result.json").exists():
+                shutil.copy(run / "result.json", args.out / f"{job['name']}.result.json")
+        # OPT-1.3B checkpoints are ~16 GB each: keep only the one a later job resumes from.
+        needed = {j["resumes"][0] for j in all_jobs[all_jobs.index(job) + 1:] if "resumes" in j}
+        for name in [job["name"], *(job["resumes"][:1] if "resumes" in job else [])]:
+            if name not in needed:
+                shutil.rmtree(work / name / "checkpoints", ignore_errors=True)
+                shutil.rmtree(work / name / "hf", ignore_errors=True)
+    for rnd in ("r1", "r2"):
+        for one, two in [("opt125m_tree_gpu1", "opt125m_tree_ddp2"), ("opt1.3b_tree_gpu1", "opt1.3b_tree_fsdp2")]:
+            if (c := compare(summary, f"{one}_{rnd}", f"{two}_{rnd}")) is not None:
+                summary.setdefault("comparisons", []).append(c)
+    summary["fsdp_resume"] = resume_check(summary)
     summary["elapsed_s"] = round(time.perf_counter() - T0, 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{'run':24} {'exit':>5} {'tok/s':>10} {'tok/s/dev':>10} {'peak GiB':>9} {'val loss':>9} {'wall s':>7}")

@@ -30,6 +30,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,10 +65,16 @@ def shapes(smoke: bool) -> dict:
     }
 
 
+def corpus_file(corpus: Path, name: str) -> Path:
+    """The stream, or its .xz copy (what travels to the GPU machine; data=tokens reads either)."""
+    return corpus / name if (corpus / name).exists() else corpus / f"{name}.xz"
+
+
 def data_overrides(corpus: Path | None, smoke: bool) -> list[str]:
     if smoke or corpus is None:
         return ["data=embedded"]
-    return ["data=tokens", f"data.path={corpus / 'train.u16'}", f"data.val_path={corpus / 'validation.u16'}"]
+    return ["data=tokens", f"data.path={corpus_file(corpus, 'train.u16')}",
+                f"data.val_path={corpus_file(corpus, 'validation.u16')}"]
 
 
 def train_overrides(shape: dict, data: list[str], variant: str, smoke: bool) -> list[str]:
@@ -198,7 +205,7 @@ def plain_loop(overrides: list[str], out: Path) -> dict:
             opt.zero_grad(set_to_none=True)
             step += 1
             if step % every == 0:
-                losses.append(float(loss))  # the one host read of a window, as Lightning's logging
+                losses.append(float(loss.detach()))  # the one host read of a window, as Lightning's logging
                 now = time.perf_counter()
                 rates.append(every * tokens / (now - start))
                 start = now
@@ -263,6 +270,8 @@ def layer_shapes(smoke: bool) -> list[dict]:
         {"name": "opt1.3b K64 D6", "d": 2048, "ffn": 8192, "trees": 64, "depth": 6, "tokens": 8192},
         {"name": "opt1.3b K16 D8", "d": 2048, "ffn": 8192, "trees": 16, "depth": 8, "tokens": 8192},
         {"name": "opt1.3b K8 D9", "d": 2048, "ffn": 8192, "trees": 8, "depth": 9, "tokens": 8192},
+        {"name": "opt1.3b K4 D10", "d": 2048, "ffn": 8192, "trees": 4, "depth": 10, "tokens": 8192},
+        {"name": "opt1.3b K2 D11", "d": 2048, "ffn": 8192, "trees": 2, "depth": 11, "tokens": 8192},
     ]
 
 
@@ -338,10 +347,24 @@ def parity(shape: dict, dev) -> dict:
         try:
             y = fn(xi)
             (y * g).sum().backward()
-            err = max(float((y - y_ref).abs().max()), float((xi.grad - xr.grad).abs().max()),
+            err = max(float((y - y_ref).detach().abs().max()), float((xi.grad - xr.grad).abs().max()),
                       *(float((p.grad - r.grad).abs().max()) for p, r in zip(params, ref_params)))
             off_path = bool((layer.w_in.grad.abs().sum(1) > 0).eq(ref_params[0].grad.abs().sum(1) > 0).all())
-            out[name] = {"max_abs_err": err, "ok": err < 1e-8 and off_path, "same_touched_rows": off_path}
+            same_path = None  # the routing itself, where the path exposes it
+            if name == "masked":
+                same_path = bool(torch.equal(layer.forward_masked(x)[1], path_ref))
+            elif name == "grouped by subtree":
+                from treeffn.layers.subtree_grouped import grouped_tree_ffn
+
+                same_path = bool(torch.equal(grouped_tree_ffn(x, layer.w_in, layer.b_in, layer.w_out, K, D, "node",
+                                                              layer.act)[1], path_ref))
+            elif name == "triton":
+                from treeffn import kernels
+
+                same_path = bool(torch.equal(kernels.tree_ffn_triton(x, layer.w_in, layer.b_in, layer.w_out, K, D,
+                                                                     "node", "gelu")[1], path_ref))
+            ok = err < 1e-8 and off_path and same_path is not False
+            out[name] = {"max_abs_err": err, "ok": ok, "same_touched_rows": off_path, "same_path": same_path}
         except Exception as e:  # a path that cannot run here is reported, not timed
             out[name] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     return out
@@ -420,7 +443,7 @@ def run_queue(name: str, jobs: list[dict], gpu: str | None, args, summary: dict,
             cmd = ["treeffn", "train", *job["overrides"], f"hydra.run.dir={run_dir}"]
         else:
             cmd = [sys.executable, str(HERE), job["kind"], "--out", str(args.out / f"{job['name']}.json"),
-                   *(["--smoke"] if args.smoke else []), "--run-dir", str(run_dir), "--", *job.get("overrides", [])]
+                   *(["--smoke"] if args.smoke else []), "--run-dir", str(run_dir), "--overrides", *job.get("overrides", [])]
         logf = args.out / "logs" / f"{job['name']}.log"
         with open(logf, "w") as f:
             rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
@@ -429,6 +452,9 @@ def run_queue(name: str, jobs: list[dict], gpu: str | None, args, summary: dict,
                   "command": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - started, 1), "gpu": gpu}
         if job["kind"] == "train":
             record.update(read_run(run_dir))
+        # An OPT-1.3B run leaves ~21 GB (last.ckpt with AdamW's moments, hf/): the disk holds few.
+        for heavy in ("checkpoints", "hf"):
+            shutil.rmtree(run_dir / heavy, ignore_errors=True)
         elif (args.out / f"{job['name']}.json").exists():
             record["result"] = json.loads((args.out / f"{job['name']}.json").read_text())
         if rc:
@@ -447,7 +473,7 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=540)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--run-dir", type=Path, default=None)
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides of the run (plain, syncs)")
     args = p.parse_args()
     if args.kind == "plain":
         plain_loop(args.overrides, args.out)

@@ -203,3 +203,18 @@ def test_autocast_bfloat16(placement, grouped_mm_calls):
     y.float().pow(2).sum().backward()
     assert xi.grad.dtype == torch.float32 and torch.isfinite(xi.grad).all()
     assert layer.w_in.grad.dtype == torch.float32 and torch.isfinite(layer.w_in.grad).all()
+
+
+def test_tree_impl_grouped_trains_through_the_layer():
+    """tree.impl=grouped: the layer's forward runs the grouped path, counts the visits and gives
+    the masked path's outputs and gradients."""
+    torch.manual_seed(3)
+    grouped = TreeFFN(8, 4, 3, impl="grouped").double().train()
+    masked = TreeFFN(8, 4, 3, impl="masked").double().train()
+    masked.load_state_dict(grouped.state_dict())
+    x = torch.randn(40, 8, dtype=torch.float64)
+    for layer in (grouped, masked):
+        layer.node_visits.zero_()
+        layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(grouped.w_in.grad, masked.w_in.grad, rtol=1e-9, atol=1e-9)
+    assert torch.equal(grouped.node_visits, masked.node_visits)

@@ -10,7 +10,7 @@ import os
 
 PLACEMENTS = ("node", "post_sum")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "identity")
-IMPLS = ("auto", "masked", "gather", "triton")
+IMPLS = ("auto", "masked", "gather", "triton", "grouped")
 FFN_KINDS = ("tree", "dense")
 TREE_FAMILIES = ("node", "leaf")  # neuron per node (docs/design.md) | FFF: routers + leaf MLPs
 DATA_SOURCES = ("embedded", "files", "hub", "tokens")
@@ -176,6 +176,9 @@ def validate_model_and_tree(model: dict, tree: dict) -> None:
     _allowed("tree.placement", tree.get("placement"), PLACEMENTS)
     _allowed("tree.activation", tree.get("activation"), ACTIVATIONS)
     _allowed("tree.impl", tree.get("impl"), IMPLS)
+    if tree.get("impl") in ("triton", "grouped") and model.get("family", "opt") == "llama":
+        raise ConfigError(f"tree.impl={tree['impl']!r} is not allowed with model.family=llama; gated trees run "
+                          f"the masked and gather paths (use tree.impl=auto)")
     if "stats_every_n_steps" in tree:
         _int_at_least("tree.stats_every_n_steps", tree["stats_every_n_steps"], 1)
     validate_leaf_family(model, tree)
@@ -312,9 +315,9 @@ def validate_leaf_family(model: dict, tree: dict) -> None:
     if tree.get("placement", "node") != "node":
         raise ConfigError(f"tree.placement={tree['placement']!r} applies to tree.family=node only; "
                           f"the leaf family mixes whole leaf MLPs (use tree.placement=node)")
-    if tree.get("impl", "auto") == "triton":
-        raise ConfigError("tree.impl='triton' is not allowed with tree.family=leaf; the kernels implement the "
-                          "node family (use tree.impl=auto)")
+    if tree.get("impl", "auto") in ("triton", "grouped"):
+        raise ConfigError(f"tree.impl={tree['impl']!r} is not allowed with tree.family=leaf; it implements the "
+                          f"node family (use tree.impl=auto)")
 
 
 def validate_finetune(model: dict, tree: dict) -> None:

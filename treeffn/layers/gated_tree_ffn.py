@@ -36,8 +36,9 @@ class GatedTreeFFN(TreeFFN):
 
     def __init__(self, d_model: int, depth: int, trees: int, placement: str = "node", activation: str = "silu",
                  bias: bool = False, impl: str = "auto", init_std: float = 0.02):
-        if impl == "triton":
-            raise ValueError("gated trees have no Triton kernel; use impl=auto, masked or gather")
+        if impl in ("triton", "grouped"):
+            what = "Triton kernel" if impl == "triton" else "grouped path"
+            raise ValueError(f"gated trees have no {what}; use impl=auto, masked or gather")
         super().__init__(d_model, depth, trees, placement=placement, activation=activation, bias=bias,
                          impl=impl, init_std=init_std)
         self.w_up = nn.Parameter(torch.empty(self.total_nodes, d_model))

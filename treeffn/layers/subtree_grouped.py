@@ -197,7 +197,8 @@ class _PairRows(torch.autograd.Function):
             return None, None, None, None, None
         (inverse,) = ctx.saved_tensors
         rows = grad.index_select(0, inverse).view(-1, ctx.trees, grad.shape[1])
-        return rows.sum(1, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.x_dtype), None, None, None, None
+        grad_x = rows.sum(1, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.x_dtype)
+        return grad_x, None, None, None, None
 
 
 class _SumPairs(torch.autograd.Function):
@@ -243,7 +244,8 @@ def grouped_tree_ffn(
     """Tree layer on (T, d) tokens by top part + subtree-grouped GEMMs (see the module doc).
 
     Returns (y (T, d), path (T, K, D+1) int64 local node indices), the values of
-    ``TreeFFN.forward_masked``; differentiable in x, w_in, b_in and w_out by plain autograd.
+    ``TreeFFN.forward_masked``; differentiable in x, w_in, b_in and w_out by autograd
+    (torch._grouped_mm's own backward; two small adjoint Functions for the permutation).
     ``split`` is the first level of the subtrees (1 <= split <= depth; default best_split).
     """
     if placement not in _PLACEMENTS:

@@ -16,6 +16,8 @@ Two implementations compute the same function:
     statistics are read from it, so under ``torch.compile`` (``trainer.compile=true``) routing,
     mask, activation and statistics fuse around the two GEMMs.
   * ``gather`` (inference): walks the levels and touches only the path rows.
+  * ``grouped`` (training, few deep trees): the top levels masked, then tokens grouped by the
+    subtree they reach, the rest as one grouped GEMM (treeffn/layers/subtree_grouped.py).
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ class TreeFFN(nn.Module):
 
             y, path = tree_ffn_triton(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
                                       self.placement, self.activation)
+        elif impl == "grouped":
+            from treeffn.layers.subtree_grouped import grouped_tree_ffn
+
+            y, path = grouped_tree_ffn(flat, self.w_in, self.b_in, self.w_out, self.trees, self.depth,
+                                       self.placement, self.act)
         else:
             y, path = self._masked_or_gather(flat, impl)
         return self._counted(y, path, x.shape)

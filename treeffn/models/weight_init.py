@@ -26,7 +26,7 @@ exists with the same behaviour in transformers 5.17 and 5.24.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -54,7 +54,8 @@ def _pretrained_models_inner_first(module: nn.Module) -> Iterator[nn.Module]:
 
 def tied_targets(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that ``tie_weights`` replaces by their source (e.g. a tied lm_head.weight)."""
-    return [model.get_parameter(name) for name in getattr(model, "all_tied_weights_keys", {}) or {}]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [params[name] for name in getattr(model, "all_tied_weights_keys", None) or {} if name in params]
 
 
 def init_weights_once(model: nn.Module, skip: Iterable[torch.Tensor] = ()) -> None:
