@@ -428,7 +428,6 @@ def run_queue(name: str, jobs: list[dict], gpu: str | None, args, summary: dict,
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    env.setdefault("WANDB_MODE", "offline")
     for job in jobs:
         left = args.budget - (time.perf_counter() - T0)
         if job["need_s"] > left:

@@ -177,7 +177,8 @@ class TreeFFN(nn.Module):
     def _count_mask(self, z: torch.Tensor, mask: torch.Tensor) -> None:
         """Visits and per-level logit sums of a masked pass, on the device: column sums of the mask."""
         self.node_visits += mask.view(-1, self.total_nodes).sum(0)
-        per_node = torch.where(mask, z.detach(), 0).float().sum(0).view(self.trees, self.nodes).sum(0)
+        per_node = torch.sum(torch.where(mask, z.detach(), 0), dim=0, dtype=torch.float32)  # no fp32 copy
+        per_node = per_node.view(self.trees, self.nodes).sum(0)
         per_level = torch.stack([per_node[2**lvl - 1:2**(lvl + 1) - 1].sum() for lvl in range(self.depth + 1)])
         self.level_logits[0] += per_level.double()
         self.level_logits[1] += z.shape[0] * self.trees
