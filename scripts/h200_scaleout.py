@@ -78,7 +78,23 @@ def jobs(corpus: Path | None, smoke: bool, work: Path) -> list[dict]:
             job("opt125m_tree_gpu1_r2", m125, one, s125, tok125, 50),
             job("opt125m_tree_ddp2_r2", m125, two, s125, tok125, 50),
             job("opt1.3b_tree_gpu1_r2", m13, one, s13, tok13, 100),
-            job("opt1.3b_tree_fsdp2_r2", m13, fsdp, s13, tok13, 120)]
+            job("opt1.3b_tree_fsdp2_r2", m13, fsdp, s13, tok13, 120),
+            *resume_pair("opt125m", m125, fsdp, one, 30, tok125, common, work)]
+
+
+def resume_pair(tag, model, fsdp, one, steps, tokens, common, work) -> list[dict]:
+    """A shorter FSDP run that keeps a checkpoint, and that checkpoint continued on one device."""
+    kept = (steps // 2) // 5 * 5 - 1
+    base = [*model, *common, f"optim.global_batch_tokens={tokens}"]
+    saved = {"name": f"{tag}_tree_fsdp2_kept", "steps": steps, "need_s": 45,
+             "overrides": [*base, *fsdp, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+                           f"checkpoint.every_n_steps={kept}", "checkpoint.keep_all=true"]}
+    ckpt = work / saved["name"] / "checkpoints" / f"step{kept:07d}.ckpt"
+    resumed = {"name": f"{tag}_tree_fsdp_resumed_gpu1", "steps": kept + 1, "need_s": 35, "resumes": (saved["name"], kept),
+               "overrides": [*[o.replace("resume=never", f"resume={ckpt}") for o in base], *one,
+                             f"trainer.max_steps={kept + 1}", f"trainer.val_check_interval={kept + 1}",
+                             f"checkpoint.every_n_steps={kept + 1}"]}
+    return [saved, resumed]
 
 
 def read_run(run: Path) -> dict:
@@ -130,8 +146,11 @@ def compare(summary: dict, a: str, b: str) -> dict | None:
 def resume_check(summary: dict) -> dict | None:
     """The FSDP run's loss at the step after its kept checkpoint against the same step trained
     on one device from that checkpoint."""
-    resumed = summary["runs"].get("opt1.3b_tree_fsdp_resumed_gpu1", {})
-    source = summary["runs"].get("opt1.3b_tree_fsdp2_r1", {})
+    for tag, source_name in (("opt1.3b", "opt1.3b_tree_fsdp2_r1"), ("opt125m", "opt125m_tree_fsdp2_kept")):
+        resumed = summary["runs"].get(f"{tag}_tree_fsdp_resumed_gpu1", {})
+        source = summary["runs"].get(source_name, {})
+        if resumed.get("train_loss") and source.get("train_loss"):
+            break
     if not resumed.get("train_loss") or not source.get("train_loss"):
         return None
     step = max(resumed["train_loss"])  # the CSV's step of the one step trained after the resume

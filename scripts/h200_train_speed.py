@@ -59,9 +59,9 @@ def shapes(smoke: bool) -> dict:
         }
     return {
         "125m": {"model": ["model=opt125m", "data.block_size=512", "data.batch_size=32"], "tree": ["tree.depth=6"],
-                 "steps": 160, "need": (45, 110)},
+                 "steps": 160, "need": (25, 45)},
         "1.3b": {"model": ["model=opt1.3b", "data.block_size=2048", "data.batch_size=4"], "tree": ["tree.depth=6"],
-                 "steps": 60, "need": (80, 150)},
+                 "steps": 60, "need": (35, 60)},
     }
 
 
@@ -110,8 +110,8 @@ def queue(name: str, shape: dict, data: list[str], smoke: bool) -> list[dict]:
 
     jobs = []
     if name == "125m":
-        jobs += [{"name": "layers", "kind": "layers", "need_s": 150 if not smoke else 200}]
         jobs += [run("dense", 1), run("tree", 1), plain(1), run("tree_compile", 1), run("dense_compile", 1),
+                 {"name": "layers", "kind": "layers", "need_s": 40 if not smoke else 200},
                  plain(2), run("tree", 2), run("dense", 2),
                  {"name": "syncs_tree", "kind": "syncs", "overrides": train_overrides(shape, data, "tree", smoke),
                   "need_s": eager}]
@@ -370,7 +370,7 @@ def parity(shape: dict, dev) -> dict:
     return out
 
 
-def time_layers(smoke: bool, out: Path) -> dict:
+def time_layers(smoke: bool, out: Path, only: list[str] | None = None) -> dict:
     """Per shape: parity, then loop time of forward + backward (bf16 autocast on CUDA)."""
     import torch
 
@@ -382,7 +382,7 @@ def time_layers(smoke: bool, out: Path) -> dict:
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "iters": iters, "reps": reps,
               "note": "diagnostic: one layer, loop of forward+backward calls, wall clock incl. host", "shapes": []}
-    for shape in layer_shapes(smoke):
+    for shape in [s for s in layer_shapes(smoke) if only is None or s["name"] in only]:
         entry = {**shape, "parity": parity(shape, dev)}
         log(f"layers {shape['name']}: parity {json.dumps(entry['parity'])[:400]}")
         torch.manual_seed(0)
@@ -441,7 +441,8 @@ def run_queue(name: str, jobs: list[dict], gpu: str | None, args, summary: dict,
         if job["kind"] == "train":
             cmd = ["treeffn", "train", *job["overrides"], f"hydra.run.dir={run_dir}"]
         else:
-            cmd = [sys.executable, str(HERE), job["kind"], "--out", str(args.out / f"{job['name']}.json"),
+            shapes_arg = ["--layer-shapes", *args.layer_shapes] if job["kind"] == "layers" and args.layer_shapes else []
+            cmd = [sys.executable, str(HERE), job["kind"], "--out", str(args.out / f"{job['name']}.json"), *shapes_arg,
                    *(["--smoke"] if args.smoke else []), "--run-dir", str(run_dir), "--overrides", *job.get("overrides", [])]
         logf = args.out / "logs" / f"{job['name']}.log"
         with open(logf, "w") as f:
@@ -451,11 +452,11 @@ def run_queue(name: str, jobs: list[dict], gpu: str | None, args, summary: dict,
                   "command": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - started, 1), "gpu": gpu}
         if job["kind"] == "train":
             record.update(read_run(run_dir))
+        elif (args.out / f"{job['name']}.json").exists():
+            record["result"] = json.loads((args.out / f"{job['name']}.json").read_text())
         # An OPT-1.3B run leaves ~21 GB (last.ckpt with AdamW's moments, hf/): the disk holds few.
         for heavy in ("checkpoints", "hf"):
             shutil.rmtree(run_dir / heavy, ignore_errors=True)
-        elif (args.out / f"{job['name']}.json").exists():
-            record["result"] = json.loads((args.out / f"{job['name']}.json").read_text())
         if rc:
             record["log_tail"] = logf.read_text()[-1500:]
         log(f"{name}: {job['name']} rc={rc} {record.get('tokens_per_s') or ''} in {record['seconds']} s")
@@ -472,13 +473,15 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=540)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--run-dir", type=Path, default=None)
+    p.add_argument("--only", nargs="*", default=None, help="run only these jobs (names as in the summary)")
+    p.add_argument("--layer-shapes", nargs="*", default=None, help="layers: only these shapes (e.g. 'opt125m K24 D6')")
     p.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides of the run (plain, syncs)")
     args = p.parse_args()
     if args.kind == "plain":
         plain_loop(args.overrides, args.out)
         return 0
     if args.kind == "layers":
-        time_layers(args.smoke, args.out)
+        time_layers(args.smoke, args.out, args.layer_shapes)
         return 0
     if args.kind == "syncs":
         find_syncs(args.overrides, args.out, args.run_dir)
@@ -498,8 +501,8 @@ def main() -> int:
     lock = threading.Lock()
     two = len(summary.get("gpus", [])) >= 2
     sizes = shapes(args.smoke)
-    queues = [("125m", queue("125m", sizes["125m"], data, args.smoke), "0" if two else None),
-              ("1.3b", queue("1.3b", sizes["1.3b"], data, args.smoke), "1" if two else None)]
+    queues = [(n, [j for j in queue(n, sizes[n], data, args.smoke) if args.only is None or j["name"] in args.only],
+               gpu if two else None) for n, gpu in (("125m", "0"), ("1.3b", "1"))]
     if two:
         threads = [threading.Thread(target=run_queue, args=(n, j, g, args, summary, lock)) for n, j, g in queues]
         for t in threads:

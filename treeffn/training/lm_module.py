@@ -153,6 +153,13 @@ class CausalLMModule(L.LightningModule):
         if gradient_clip_val and isinstance(wrapped, FSDP):
             wrapped.clip_grad_norm_(gradient_clip_val)
             return
+        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None and \
+                gradient_clip_algorithm in (None, "norm"):
+            # Lightning's mixed-precision plugin refuses to clip for a fused optimizer even with
+            # bf16, where no gradient is scaled: clip here, as it would.
+            grads = [p for p in self.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, gradient_clip_val)
+            return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
