@@ -49,3 +49,16 @@ def test_a_compiled_run_trains_the_same_losses(tmp_path, cache_dir):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-4)
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
     assert compiled["routing"]["mean"]["dead_frac"] == pytest.approx(eager["routing"]["mean"]["dead_frac"])
+
+
+@pytest.mark.slow
+def test_bf16_mixed_training_clips_with_the_fused_optimizer(tmp_path, cache_dir):
+    """The GPUs' precision (bf16-mixed) goes through Lightning's mixed-precision plugin, which
+    refuses to clip gradients for a fused optimizer; the module clips itself. On CPU too."""
+    from treeffn.training.train import train
+
+    result = train(make_cfg(cache_dir, "tree.depth=2", "trainer.precision=bf16-mixed", "trainer.max_steps=6",
+                            "trainer.log_every_n_steps=3", "optim.grad_clip=0.5"), tmp_path / "run")
+    assert result["status"] == "finished" and result["precision"] == "bf16-mixed"
+    losses = [float(r["train/loss"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss")]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

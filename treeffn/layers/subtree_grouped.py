@@ -52,13 +52,12 @@ The price is memory traffic and memory: the permuted copy of the tokens has T*K 
 (K times the input), it is written once, read by the forward grouped GEMM and again by the
 backward one (for the gradient of the w_in blocks), and its gradient has the same size.
 The per-group GEMMs have only S_pad output columns, so their arithmetic intensity is about S_pad
-FLOP per loaded element: small subtrees make them bandwidth bound. The path wins for few,
+FLOP per loaded element: small subtrees make them bandwidth bound. The path can win for few,
 deep trees, where K*N dwarfs the extra traffic (K=8, D=9 at d=2048: 16x fewer FLOPs for a
 copy eight times the input), and loses for many shallow trees (K=24 or 64, D=6: N = 127,
-S_pad = 16, where the masked GEMM is cheap and the T*K*d copy dominates). Measured once on an
-H200 (bf16 autocast, forward + backward, T=8192, d=2048, eager): K=8 D=9 grouped 5.4 ms vs
-masked 4.4 ms (about break-even: the T*K*d traffic and the launches dominate, not the GEMMs),
-K=8 D=11 8.4 vs 14.7 ms, K=24 D=6 7.1 vs 2.5 ms, K=64 D=6 (T=4096) 8.7 vs 2.8 ms.
+S_pad = 16, where the masked GEMM is cheap and the T*K*d copy dominates). That is the
+expectation from the counts; the measurement per shape against dense and the masked path is
+``python3 scripts/h200_train_speed.py layers`` (no committed record yet).
 
 Mixed precision. Under ``torch.autocast`` for x's device type the GEMM operands are cast to the
 autocast dtype here (``torch._grouped_mm`` is on no autocast list), with autocast turned off

@@ -33,7 +33,9 @@ class Throughput(L.Callback):
         self._t0 = now
         if self._window_steps >= trainer.log_every_n_steps:
             rate = self._window_steps * self.tokens_per_step / (now - self._window_start)
-            pl_module.log("train/tokens_per_s", rate, prog_bar=True)
+            pl_module.log("train/tokens_per_s", rate)  # no prog_bar: see StepProgressBar.get_metrics
+            if hasattr(pl_module, "shown"):
+                pl_module.shown["tokens/s"] = f"{rate:,.0f}"
             pl_module.log("train/tokens_per_s_per_device", rate / trainer.world_size)
             if pl_module.device.type == "cuda":
                 pl_module.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)

@@ -83,6 +83,7 @@ class CausalLMModule(L.LightningModule):
         self.val_at_start: dict | None = None  # trainer.val_at_start: the validation before step 1
         self._micro_losses: list[torch.Tensor] = []  # this optimizer step's so far
         self.train_wall_s = 0.0  # accumulated over resumes through the checkpoint
+        self.shown: dict[str, str] = {}  # host copies of logged values for the progress bar
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids=input_ids, labels=input_ids)
@@ -95,7 +96,8 @@ class CausalLMModule(L.LightningModule):
             # (equal in size) and over ranks, the same number on any device count.
             step_loss = torch.stack(self._micro_losses).mean()
             self._micro_losses = []
-            self.log("train/loss", step_loss, prog_bar=True, sync_dist=True)
+            if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+                self._log_step_loss(step_loss)
         if self.has_leaf_layers:
             entropy = mean_router_entropy(self.model)  # of the forward pass just run
             if entropy is not None:
@@ -105,6 +107,19 @@ class CausalLMModule(L.LightningModule):
                 self.log("train/hardening_loss", hardening.detach(), batch_size=batch.shape[0])
                 loss = loss + hardening
         return loss
+
+    def _log_step_loss(self, step_loss: torch.Tensor) -> None:
+        """train/loss, on the steps Lightning writes to the loggers only. Not through
+        sync_dist (Lightning's cross-rank sync puts a barrier in every step) nor prog_bar (Lightning
+        reads progress-bar values on the host after every batch): either makes the host wait for
+        the GPU each step. The progress bar shows the logged value (treeffn/training/progress.py)."""
+        world = self.trainer.world_size
+        if world > 1:  # an all-reduce is queued on the GPU like any other kernel
+            step_loss = step_loss.clone()
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= world
+        self.log("train/loss", step_loss)
+        self.shown["loss"] = f"{float(step_loss):.3f}"  # a logging step: the host reads the device anyway
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int):
         loss = self(batch).loss
@@ -120,7 +135,8 @@ class CausalLMModule(L.LightningModule):
         self.val_loss.reset()
         ppl = math.exp(min(loss, 50.0))
         self.log("val/loss", loss, sync_dist=False)
-        self.log("val/ppl", ppl, prog_bar=True)
+        self.log("val/ppl", ppl)  # no prog_bar: Lightning would read it after every later batch
+        self.shown["val ppl"] = f"{ppl:.2f}"
         self.last_validation = {"step": int(self.global_step), "val_loss": loss, "val_ppl": ppl}
         if self.has_leaf_layers:
             soft = float(self.val_soft_loss.compute())

@@ -48,3 +48,9 @@ class StepProgressBar(RichProgressBar):
         if not trainer.global_step % trainer.log_every_n_steps or trainer.global_step >= trainer.max_steps:
             self._update_metrics(trainer, pl_module)
         self.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        # No value is logged with prog_bar=True: Lightning converts every progress-bar value to a
+        # Python number after every batch, even a stale one, and each conversion makes the host
+        # wait for the GPU. The module keeps host copies of what it logged (``shown``) instead.
+        return {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "shown", {})}

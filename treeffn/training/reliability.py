@@ -16,6 +16,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from treeffn.atomic import atomic_open
 from treeffn.config import ConfigError
+from treeffn.training.distributed import is_fsdp
 
 
 class RNGState(L.Callback):
@@ -76,7 +77,7 @@ class NonFiniteGuard(L.Callback):
         if not grads:
             return
         bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
-        if trainer.world_size > 1:  # under FSDP each rank sees only its shard of the gradients
+        if trainer.world_size > 1 and is_fsdp(trainer):  # each rank sees only its shard of the gradients
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         torch_optimizer = getattr(optimizer, "_optimizer", optimizer)
         if not skips_on_device(trainer, torch_optimizer):
