@@ -40,7 +40,9 @@ def jobs(corpus: Path | None, smoke: bool, work: Path) -> list[dict]:
         data = ["data=embedded"]
         m125 = ["model=tiny", "tree.depth=3", "data.block_size=64", "data.batch_size=4"]
         m13 = ["model=tiny", "tree.depth=2", "data.block_size=64", "data.batch_size=2"]
-        one, two = ["trainer=cpu"], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+        # bf16-mixed as on the GPUs: another Lightning precision plugin than float32's
+        one = ["trainer=cpu", "trainer.precision=bf16-mixed"]
+        two = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=bf16-mixed"]
         fsdp = two  # Lightning's FSDP needs GPUs: the CPU check runs the same jobs under DDP
         s125, s13 = 20, 12
     else:

@@ -73,6 +73,11 @@ class RoutingStats(L.Callback):
     Validation: ``dead_frac``, ``leaf_entropy``, ``leaves_used``, ``right_frac``,
     ``right_level<j>``, ``logit_level<j>``, and W&B histograms of leaf usage. Counts are summed
     over ranks before anything is computed; the device is read once per window.
+
+    A training window's counts are copied to the host without waiting (a pinned buffer and a
+    CUDA event) and turned into statistics at the next step's end, when the copy has long
+    arrived: the host never stops the GPU for them. A run stopped between the two loses that
+    window's log rows, not its counts' effect on anything else.
     """
 
     def __init__(self, every_n_steps: int):
@@ -80,19 +85,32 @@ class RoutingStats(L.Callback):
         self.last: dict = {}          # the last validation's statistics (result.json's routing)
         self.last_window: dict = {}   # the last full training window's (or the only, shorter one)
         self._stash: list | None = None
+        self._pending: tuple | None = None  # a training window's counts on their way to the host
 
     @staticmethod
-    def _counts(trainer, pl_module, layers) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(visits, level_logits or None) per layer, summed over ranks, on the CPU: one transfer."""
+    def _gather(trainer, pl_module, layers) -> tuple[torch.Tensor, list]:
+        """Every layer's counts in one flat float64 tensor on the device, summed over ranks."""
         logits = [getattr(layer, "level_logits", None) for layer in layers]
         buffers = [layer.node_visits.double() for layer in layers] + [x for x in logits if x is not None]
         flat = torch.cat([b.flatten() for b in buffers])
         if trainer.world_size > 1:
             flat = pl_module.all_gather(flat).sum(0)
-        pieces = flat.cpu().split([b.numel() for b in buffers])
+        return flat, buffers
+
+    @staticmethod
+    def _split(flat: torch.Tensor, buffers: list, layers) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(visits, level_logits or None) per layer from the flat host copy."""
+        logits = [getattr(layer, "level_logits", None) for layer in layers]
+        pieces = flat.split([b.numel() for b in buffers])
         visits, rest = pieces[:len(layers)], iter(pieces[len(layers):])
         return [(v.round().long(), next(rest).view(x.shape) if x is not None else None)
                 for v, x in zip(visits, logits)]
+
+    @classmethod
+    def _counts(cls, trainer, pl_module, layers) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(visits, level_logits or None) per layer, summed over ranks, on the CPU: one transfer."""
+        flat, buffers = cls._gather(trainer, pl_module, layers)
+        return cls._split(flat.cpu(), buffers, layers)
 
     @staticmethod
     def _stats(visits, level_logits, layer) -> dict:
@@ -101,37 +119,61 @@ class RoutingStats(L.Callback):
         return s
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % self.every_n_steps:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        self._log_window(trainer, pl_module, self.every_n_steps)
+        self._finish_window(trainer)  # the previous window's copy has arrived by now
+        if not trainer.global_step % self.every_n_steps:
+            self._start_window(trainer, pl_module, self.every_n_steps)
 
     def on_train_end(self, trainer, pl_module):
+        self._finish_window(trainer)
         # A run shorter than one window still gets one (its steps are recorded with it).
         steps = trainer.global_step % self.every_n_steps
         if not self.last_window and steps:
-            self._log_window(trainer, pl_module, steps)
+            self._start_window(trainer, pl_module, steps)
+            self._finish_window(trainer)
 
-    def _log_window(self, trainer, pl_module, steps: int):
+    def _start_window(self, trainer, pl_module, steps: int):
+        """Gather the window's counts (a collective on every rank, same step), start their copy
+        to the host and zero the counters; ``_finish_window`` computes and logs."""
         layers = tree_layers(pl_module)
         if not layers:
             return
-        counts = self._counts(trainer, pl_module, layers)
-        per_layer = [self._stats(v, x, layer) for (v, x), layer in zip(counts, layers)]
+        flat, buffers = self._gather(trainer, pl_module, layers)
+        event = None
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flat.clone()
         for layer in layers:
             layer.node_visits.zero_()
             if getattr(layer, "level_logits", None) is not None:
                 layer.level_logits.zero_()
+        self._pending = (host, event, buffers, layers, int(trainer.global_step), steps)
+
+    def _finish_window(self, trainer):
+        if self._pending is None:
+            return
+        host, event, buffers, layers, step, steps = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()  # normally long done: the copy was queued a step ago
+        counts = self._split(host, buffers, layers)
+        per_layer = [self._stats(v, x, layer) for (v, x), layer in zip(counts, layers)]
         metrics = {}
         for i, s in enumerate(per_layer):
             metrics |= self._window_metrics(f"tree/layer{i}", s)
         metrics |= self._window_metrics("tree/mean", mean_over_layers(per_layer))
-        self.last_window = {"step": int(trainer.global_step), "steps": steps, "tokens": tokens_counted(counts, layers),
+        self.last_window = {"step": step, "steps": steps, "tokens": tokens_counted(counts, layers),
                             "mean": mean_over_layers(per_layer),
                             "layers": [{k: s[k] for k in ("dead_frac", "leaf_entropy", "root_right_share")}
                                        for s in per_layer]}
         if trainer.is_global_zero:
             for lg in trainer.loggers:
-                lg.log_metrics(metrics, step=trainer.global_step)
+                lg.log_metrics(metrics, step=step)
 
     @staticmethod
     def _window_metrics(prefix: str, s: dict) -> dict:
