@@ -97,10 +97,12 @@ def _init_unloaded_tree_layers(model: nn.Module) -> None:
                 layer._is_hf_initialized = True
 
 
-class TreeOPTForCausalLM(OPTForCausalLM):
-    config_class = TreeOPTConfig
+class _TreeModel:
+    """What the three tree classes add to their stock model: the stock part built without drawing
+    weights, then the tree layers (see _finish_tree_init); and after from_pretrained the tree
+    weights the checkpoint did not hold get their law."""
 
-    def __init__(self, config: TreeOPTConfig):
+    def __init__(self, config):
         with no_weight_init():  # nothing drawn twice: see _finish_tree_init
             super().__init__(config)
         _finish_tree_init(self, config)
@@ -110,30 +112,16 @@ class TreeOPTForCausalLM(OPTForCausalLM):
         super().initialize_weights()
 
 
-class TreeGPT2LMHeadModel(GPT2LMHeadModel):
+class TreeOPTForCausalLM(_TreeModel, OPTForCausalLM):
+    config_class = TreeOPTConfig
+
+
+class TreeGPT2LMHeadModel(_TreeModel, GPT2LMHeadModel):
     config_class = TreeGPT2Config
 
-    def __init__(self, config: TreeGPT2Config):
-        with no_weight_init():
-            super().__init__(config)
-        _finish_tree_init(self, config)
 
-    def initialize_weights(self):
-        _init_unloaded_tree_layers(self)
-        super().initialize_weights()
-
-
-class TreeLlamaForCausalLM(LlamaForCausalLM):
+class TreeLlamaForCausalLM(_TreeModel, LlamaForCausalLM):
     config_class = TreeLlamaConfig
-
-    def __init__(self, config: TreeLlamaConfig):
-        with no_weight_init():
-            super().__init__(config)
-        _finish_tree_init(self, config)
-
-    def initialize_weights(self):
-        _init_unloaded_tree_layers(self)
-        super().initialize_weights()
 
 
 # family name -> (stock config, tree config, tree model)
