@@ -91,7 +91,7 @@ class GatedTreeFFN(TreeFFN):
         up = F.linear(x, self.w_up)
         mask = path_mask(z.detach(), self.trees, self.depth)
         path = path_from_mask(mask, self.depth)
-        mask = mask.view(z.shape)
+        mask = mask.view(z.shape).to(z.dtype)  # float products: cheaper than with a bool on the CPU
         if self.placement == "node":
             return (self.act(z) * up * mask) @ self.w_out, path
         return self.act((z * mask) @ self.w_out) * ((up * mask) @ self.w_out), path
