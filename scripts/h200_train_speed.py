@@ -59,9 +59,9 @@ def shapes(smoke: bool) -> dict:
         }
     return {
         "125m": {"model": ["model=opt125m", "data.block_size=512", "data.batch_size=32"], "tree": ["tree.depth=6"],
-                 "steps": 160, "need": (25, 45)},
+                 "steps": 160, "need": (45, 70)},
         "1.3b": {"model": ["model=opt1.3b", "data.block_size=2048", "data.batch_size=4"], "tree": ["tree.depth=6"],
-                 "steps": 60, "need": (35, 60)},
+                 "steps": 60, "need": (80, 110)},
     }
 
 
@@ -78,8 +78,9 @@ def data_overrides(corpus: Path | None, smoke: bool) -> list[str]:
 
 
 def train_overrides(shape: dict, data: list[str], variant: str, smoke: bool) -> list[str]:
-    """A variant: dense | tree | tree_k8d9 (K=8, D=9), optionally + _compile."""
-    ffn = variant.replace("_compile", "")
+    """A variant: dense | tree | tree_k8d9 (K=8, D=9), optionally + _compile or _grouped
+    (tree.impl=grouped: tokens grouped by subtree)."""
+    ffn = variant.replace("_compile", "").replace("_grouped", "")
     if ffn == "dense":
         part = ["tree=dense"]
     elif ffn == "tree":
@@ -92,6 +93,7 @@ def train_overrides(shape: dict, data: list[str], variant: str, smoke: bool) -> 
     return [*shape["model"], *part, *data, "seed=0", f"trainer.max_steps={steps}",
             f"trainer.val_check_interval={steps}", f"checkpoint.every_n_steps={steps}", "trainer.limit_val_batches=8",
             "optim.warmup_steps=10", "resume=never", *(["trainer.compile=true"] if "_compile" in variant else []),
+            *(["tree.impl=grouped"] if "_grouped" in variant else []),
             # The CPU check runs the GPUs' precision too: bf16-mixed goes through another Lightning
             # plugin than float32 (one that refused to clip for the fused optimizer).
             *(["trainer=gpu"] if not smoke else ["trainer.precision=bf16-mixed"])]
@@ -112,14 +114,17 @@ def queue(name: str, shape: dict, data: list[str], smoke: bool) -> list[dict]:
 
     jobs = []
     if name == "125m":
+        # The layer table last: it writes its JSON after every shape, so a cut leaves the first ones.
         jobs += [run("dense", 1), run("tree", 1), plain(1), run("tree_compile", 1), run("dense_compile", 1),
-                 {"name": "layers", "kind": "layers", "need_s": 40 if not smoke else 200},
-                 plain(2), run("tree", 2), run("dense", 2),
                  {"name": "syncs_tree", "kind": "syncs", "overrides": train_overrides(shape, data, "tree", smoke),
-                  "need_s": eager}]
+                  "need_s": eager},
+                 *({"name": f"profile_{v}", "kind": "profile", "overrides": train_overrides(shape, data, v, smoke),
+                    "need_s": eager * 0.6} for v in ("tree", "dense")),
+                 plain(2), run("tree", 2), run("dense", 2),
+                 {"name": "layers", "kind": "layers", "need_s": 40 if not smoke else 200}]
     else:
         jobs += [run("dense", 1), run("tree", 1), run("tree_compile", 1), run("dense_compile", 1),
-                 run("tree_k8d9", 1), run("tree_k8d9_compile", 1), run("tree", 2), run("dense", 2)]
+                 run("tree_k8d9_grouped", 1), run("tree_k8d9_compile", 1), run("tree", 2), run("dense", 2)]
     return jobs
 
 
@@ -165,8 +170,9 @@ def compose(overrides: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------- plain loop
-def plain_loop(overrides: list[str], out: Path) -> dict:
-    """The same training as `treeffn train <overrides>`, without Lightning: tokens/s per window."""
+def plain_setup(overrides: list[str]):
+    """What `treeffn train <overrides>` trains, without Lightning: (cfg, device, model, one
+    training step as a function of a batch, the data loader)."""
     import torch
 
     from treeffn.data.datamodule import TextDataModule
@@ -190,21 +196,34 @@ def plain_loop(overrides: list[str], out: Path) -> dict:
                                          collate_fn=collate_blocks,
                                          pin_memory=dev.type == "cuda", drop_last=True)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    model.train()
+
+    def step(batch):
+        x = batch.to(dev, non_blocking=True)
+        with amp:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return cfg, dev, model, step, loader
+
+
+def plain_loop(overrides: list[str], out: Path) -> dict:
+    """The same training as `treeffn train <overrides>`, without Lightning: tokens/s per window."""
+    import torch
+
+    cfg, dev, _, train_step, loader = plain_setup(overrides)
     steps, every = cfg["trainer"]["max_steps"], cfg["trainer"]["log_every_n_steps"]
     tokens = cfg["data"]["batch_size"] * cfg["data"]["block_size"]
-    model.train()
     rates, step, losses = [], 0, []
     start = time.perf_counter()
     while step < steps:
         for batch in loader:
-            x = batch.to(dev, non_blocking=True)
-            with amp:
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step(batch)
             step += 1
             if step % every == 0:
                 losses.append(float(loss.detach()))  # the one host read of a window, as Lightning's logging
@@ -217,6 +236,66 @@ def plain_loop(overrides: list[str], out: Path) -> dict:
     result = {"tokens_per_s": round(statistics.median(kept)), "windows": len(rates), "rates": [round(r) for r in rates],
               "last_loss": losses[-1] if losses else None,
               "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# --------------------------------------------------------------------------- profile
+def profile_steps(overrides: list[str], out: Path, warmup: int = 10, profiled: int = 5) -> dict:
+    """Where a training step's device time goes (a diagnostic): torch.profiler over a few steps
+    of the plain loop after warm-up, kernels summed by name and by kind (GEMM, attention,
+    element-wise and reductions, copies, other)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, dev, _, train_step, loader = plain_setup(overrides)
+    batches = iter(loader)
+    for _ in range(warmup):
+        train_step(next(batches))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(profiled):
+            train_step(next(batches))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / profiled
+    on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # (name, microseconds) per kernel; on the CPU check, operator self times stand in for kernels
+    device_events = ([(e.name, e.device_time_total) for e in on_device] if on_device else
+                     [(e.name, e.self_cpu_time_total) for e in prof.events()])
+
+    def kind(name: str) -> str:
+        n = name.lower()
+        if any(k in n for k in ("gemm", "cutlass", "xmma", "matmul", "_mm", "::mm", "bmm", "addmm", "nvjet")):
+            return "gemm"
+        if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
+            return "attention"
+        if any(k in n for k in ("memcpy", "memset", "copy")):
+            return "copy"
+        if any(k in n for k in ("elementwise", "reduce", "triton", "vectorized", "unrolled", "fused", "softmax",
+                                "norm", "adam", "cat", "index", "scatter", "gather", "sort", "cumsum")):
+            return "elementwise/reduce"
+        return "other"
+
+    by_name: dict = {}
+    for name, us in device_events:
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    by_kind: dict = {}
+    for name, (us, _) in by_name.items():
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + us
+    busy = sum(by_kind.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
+    result = {"note": "diagnostic: device time of kernels per training step (plain loop), not a speed",
+              "steps_profiled": profiled, "wall_ms_per_step": round(wall * 1e3, 2),
+              "device_busy_ms_per_step": round(busy / profiled / 1e3, 2),
+              "by_kind_ms_per_step": {k: round(v / profiled / 1e3, 2) for k, v in sorted(by_kind.items())},
+              "top_kernels": [{"name": n[:160], "ms_per_step": round(us / profiled / 1e3, 3), "calls_per_step": c / profiled,
+                               "kind": kind(n)} for n, (us, c) in top]}
     out.write_text(json.dumps(result, indent=1))
     return result
 
@@ -270,8 +349,8 @@ def layer_shapes(smoke: bool) -> list[dict]:
     return [
         {"name": "opt125m K24 D6", "d": 768, "ffn": 3072, "trees": 24, "depth": 6, "tokens": 16384},
         {"name": "opt1.3b K64 D6", "d": 2048, "ffn": 8192, "trees": 64, "depth": 6, "tokens": 8192},
-        {"name": "opt1.3b K16 D8", "d": 2048, "ffn": 8192, "trees": 16, "depth": 8, "tokens": 8192},
         {"name": "opt1.3b K8 D9", "d": 2048, "ffn": 8192, "trees": 8, "depth": 9, "tokens": 8192},
+        {"name": "opt1.3b K16 D8", "d": 2048, "ffn": 8192, "trees": 16, "depth": 8, "tokens": 8192},
         {"name": "opt1.3b K4 D10", "d": 2048, "ffn": 8192, "trees": 4, "depth": 10, "tokens": 8192},
         {"name": "opt1.3b K2 D11", "d": 2048, "ffn": 8192, "trees": 2, "depth": 11, "tokens": 8192},
     ]
@@ -469,7 +548,7 @@ def run_queue(name: str, jobs: list[dict], gpu: str | None, args, summary: dict,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", nargs="?", default="all", choices=["all", "plain", "layers", "syncs"])
+    p.add_argument("kind", nargs="?", default="all", choices=["all", "plain", "layers", "syncs", "profile"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--corpus", type=Path, default=None)
     p.add_argument("--budget", type=float, default=540)
@@ -481,6 +560,9 @@ def main() -> int:
     args = p.parse_args()
     if args.kind == "plain":
         plain_loop(args.overrides, args.out)
+        return 0
+    if args.kind == "profile":
+        profile_steps(args.overrides, args.out)
         return 0
     if args.kind == "layers":
         time_layers(args.smoke, args.out, args.layer_shapes)
