@@ -9,6 +9,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from treeffn.layers.leaf_ffn import auxiliary_loss, leaf_layers, mean_router_entropy, routing_mode
+from treeffn.models.unpadded import unpadded_blocks
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -86,7 +87,9 @@ class CausalLMModule(L.LightningModule):
         self.shown: dict[str, str] = {}  # host copies of logged values for the progress bar
 
     def forward(self, input_ids: torch.Tensor):
-        return self.model(input_ids=input_ids, labels=input_ids)
+        # Batches are whole blocks, never padded: no attention mask to build or check on the host.
+        with unpadded_blocks(self.model):
+            return self.model(input_ids=input_ids, labels=input_ids)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         loss = self(batch).loss
