@@ -81,7 +81,13 @@ def jobs(corpus: Path | None, smoke: bool, work: Path) -> list[dict]:
             job("opt125m_tree_ddp2_r2", m125, two, s125, tok125, 50),
             job("opt1.3b_tree_gpu1_r2", m13, one, s13, tok13, 100),
             job("opt1.3b_tree_fsdp2_r2", m13, fsdp, s13, tok13, 120),
-            *resume_pair("opt125m", m125, fsdp, one, 30, tok125, common, work)]
+            *resume_pair("opt125m", m125, fsdp, one, 30, tok125, common, work),
+            # What the FSDP windows with a routing-statistics window lose (2026-11-30: ~0.9 s
+            # each): the same pair without statistics, and the dense pair.
+            job("opt1.3b_tree_nostats_gpu1_r1", m13, one, s13, tok13, 100, ["tree.track_stats=false"]),
+            job("opt1.3b_tree_nostats_fsdp2_r1", m13, fsdp, s13, tok13, 120, ["tree.track_stats=false"]),
+            job("opt1.3b_dense_gpu1_r1", [o for o in m13 if not o.startswith("tree.")] + ["tree=dense"], one, s13, tok13, 100),
+            job("opt1.3b_dense_fsdp2_r1", [o for o in m13 if not o.startswith("tree.")] + ["tree=dense"], fsdp, s13, tok13, 120)]
 
 
 def resume_pair(tag, model, fsdp, one, steps, tokens, common, work) -> list[dict]:
@@ -221,7 +227,9 @@ def main() -> None:
                 shutil.rmtree(work / name / "checkpoints", ignore_errors=True)
                 shutil.rmtree(work / name / "hf", ignore_errors=True)
     for rnd in ("r1", "r2"):
-        for one, two in [("opt125m_tree_gpu1", "opt125m_tree_ddp2"), ("opt1.3b_tree_gpu1", "opt1.3b_tree_fsdp2")]:
+        for one, two in [("opt125m_tree_gpu1", "opt125m_tree_ddp2"), ("opt1.3b_tree_gpu1", "opt1.3b_tree_fsdp2"),
+                         ("opt1.3b_tree_nostats_gpu1", "opt1.3b_tree_nostats_fsdp2"),
+                         ("opt1.3b_dense_gpu1", "opt1.3b_dense_fsdp2")]:
             if (c := compare(summary, f"{one}_{rnd}", f"{two}_{rnd}")) is not None:
                 summary.setdefault("comparisons", []).append(c)
     summary["fsdp_resume"] = resume_check(summary)

@@ -112,18 +112,21 @@ def queue(name: str, shape: dict, data: list[str], smoke: bool) -> list[dict]:
         return {"name": f"{name}_dense_plain_r{rnd}", "kind": "plain", "variant": "dense_plain", "round": rnd,
                 "overrides": train_overrides(shape, data, "dense", smoke), "need_s": eager * 0.6}
 
+    def profile(variant):
+        return {"name": f"{name}_profile_{variant}", "kind": "profile", "need_s": eager * 0.6,
+                "overrides": train_overrides(shape, data, variant, smoke)}
+
     jobs = []
     if name == "125m":
         # The layer table last: it writes its JSON after every shape, so a cut leaves the first ones.
         jobs += [run("dense", 1), run("tree", 1), plain(1), run("tree_compile", 1), run("dense_compile", 1),
                  {"name": "syncs_tree", "kind": "syncs", "overrides": train_overrides(shape, data, "tree", smoke),
                   "need_s": eager},
-                 *({"name": f"profile_{v}", "kind": "profile", "overrides": train_overrides(shape, data, v, smoke),
-                    "need_s": eager * 0.6} for v in ("tree", "dense")),
+                 *(profile(v) for v in ("tree", "dense")),
                  plain(2), run("tree", 2), run("dense", 2),
                  {"name": "layers", "kind": "layers", "need_s": 40 if not smoke else 200}]
     else:
-        jobs += [run("dense", 1), run("tree", 1), run("tree_compile", 1), run("dense_compile", 1),
+        jobs += [run("dense", 1), run("tree", 1), profile("tree"), run("tree_compile", 1), run("dense_compile", 1),
                  run("tree_k8d9_grouped", 1), run("tree_k8d9_compile", 1), run("tree", 2), run("dense", 2)]
     return jobs
 
