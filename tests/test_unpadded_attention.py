@@ -3,7 +3,7 @@ loss and gradients as the model called the plain way, in every model family."""
 
 import pytest
 import torch
-import transformers.masking_utils as masking_utils
+from transformers import masking_utils
 
 from tests.test_training import make_cfg
 from treeffn.models.build import build_model

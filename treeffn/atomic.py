@@ -58,6 +58,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     fsync_folder(path.parent)
 
 
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make ``path`` a second name of the file ``source`` (a hard link: no data written, and
+    deleting ``source`` later leaves ``path`` whole), replacing what was at ``path`` in one
+    rename. Where the filesystem has no hard links, ``path`` becomes a copy, written atomically."""
+    source, path = Path(source), Path(path)
+    tmp = temporary_path(path)  # a leftover of a killed process is removed like any other
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        with open(source, "rb") as src, atomic_open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        return
+    os.replace(tmp, path)
+    fsync_folder(path.parent)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)

@@ -240,7 +240,6 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     check_machine_fits(cfg, precision_for(cfg["trainer"]["precision"]))  # processes, memory: before building
 
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from omegaconf import OmegaConf
 
     from treeffn.data.datamodule import TextDataModule
@@ -250,8 +249,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     from treeffn.training.progress import StepProgressBar
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
                                               make_strategy, rank_command)
-    from treeffn.training.reliability import (AtomicCheckpointIO, NonFiniteGuard, Preemption, RNGState,
-                                              check_checkpoint_fits)
+    from treeffn.training.reliability import (AtomicCheckpointIO, NonFiniteGuard, PeriodicCheckpoint, Preemption,
+                                              RNGState, check_checkpoint_fits)
     from treeffn.training.run_files import INITIAL_CHECKPOINT, checkpoint_step, claim_run_dir
 
     started = time.perf_counter()
@@ -274,10 +273,11 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
     with_stats = tree_cfg["ffn"] == "tree" and tree_cfg.get("track_stats", True)
     routing = RoutingStats(every_n_steps=tree_cfg.get("stats_every_n_steps", 10))
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg["checkpoint"]["every_n_steps"], save_last=True,
-                        save_top_k=-1 if cfg["checkpoint"]["keep_all"] else 1, monitor=None,
-                        enable_version_counter=False),
+        PeriodicCheckpoint(run_dir / "checkpoints" / "last.ckpt", dirpath=run_dir / "checkpoints",
+                           filename="step{step:07d}", auto_insert_metric_name=False,
+                           every_n_train_steps=cfg["checkpoint"]["every_n_steps"],
+                           save_top_k=-1 if cfg["checkpoint"]["keep_all"] else 1, monitor=None,
+                           enable_version_counter=False),
         throughput := Throughput(tokens_per_step=0),
         *([routing] if with_stats else []),
         *([InitialCheckpoint(run_dir / "checkpoints" / INITIAL_CHECKPOINT)] if with_stats else []),
@@ -355,8 +355,8 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         # The result's validation numbers come from the final weights (all ranks take part).
         if module.last_validation is None or module.last_validation["step"] != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
-        # last.ckpt holds the final weights (ModelCheckpoint last saved at a multiple of
-        # checkpoint.every_n_steps or a validation): treeffn analyze and a rerun start from the end.
+        # last.ckpt holds the final weights (a link to the periodic checkpoint when the run ended on
+        # a multiple of checkpoint.every_n_steps): treeffn analyze and a rerun start from the end.
         last = run_dir / "checkpoints" / "last.ckpt"
         if trainer.strategy.broadcast(not last.exists() or checkpoint_step(last) != trainer.global_step):
             trainer.save_checkpoint(str(last))
