@@ -87,7 +87,13 @@ def jobs(corpus: Path | None, smoke: bool, work: Path) -> list[dict]:
             job("opt1.3b_tree_nostats_gpu1_r1", m13, one, s13, tok13, 100, ["tree.track_stats=false"]),
             job("opt1.3b_tree_nostats_fsdp2_r1", m13, fsdp, s13, tok13, 120, ["tree.track_stats=false"]),
             job("opt1.3b_dense_gpu1_r1", [o for o in m13 if not o.startswith("tree.")] + ["tree=dense"], one, s13, tok13, 100),
-            job("opt1.3b_dense_fsdp2_r1", [o for o in m13 if not o.startswith("tree.")] + ["tree=dense"], fsdp, s13, tok13, 120)]
+            job("opt1.3b_dense_fsdp2_r1", [o for o in m13 if not o.startswith("tree.")] + ["tree=dense"], fsdp, s13, tok13, 120),
+            # Host seconds per Lightning hook on one GPU and under FSDP (trainer.profiler=simple),
+            # and FSDP without its limit of two all-gathers in flight (the host may run ahead).
+            job("opt1.3b_tree_gpu1_r3", m13, one, s13, tok13, 100, ["trainer.profiler=simple"]),
+            job("opt1.3b_tree_fsdp2_r3", m13, fsdp, s13, tok13, 120, ["trainer.profiler=simple"]),
+            job("opt1.3b_tree_fsdp2_nolimit_r3", m13, fsdp, s13, tok13, 120,
+                [] if smoke else ["trainer.fsdp.limit_all_gathers=false"])]  # the CPU check's "fsdp" is ddp
 
 
 def resume_pair(tag, model, fsdp, one, steps, tokens, common, work) -> list[dict]:
@@ -191,7 +197,13 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the summary says what could not be read
         summary["device"] = f"unknown ({e})"
     corpus = args.corpus.resolve()
-    all_jobs = [j for j in jobs(corpus, args.smoke, work) if args.only is None or j["name"] in args.only]
+    all_jobs = jobs(corpus, args.smoke, work)
+    if args.only is not None:  # in the order given
+        by_name = {j["name"]: j for j in all_jobs}
+        unknown = [n for n in args.only if n not in by_name]
+        if unknown:
+            sys.exit(f"unknown jobs {unknown}; the jobs are: {', '.join(by_name)}")
+        all_jobs = [by_name[n] for n in args.only]
     for job in all_jobs:
         left = args.budget - (time.perf_counter() - T0)
         if left < job["need_s"]:
@@ -220,16 +232,18 @@ def main() -> None:
                 shutil.copy(path, args.out / f"{job['name']}.{path.name}")
             if (run / "result.json").exists():
                 shutil.copy(run / "result.json", args.out / f"{job['name']}.result.json")
+            for path in (run / "profile").glob("*.txt"):  # trainer.profiler=simple: one table per rank
+                shutil.copy(path, args.out / f"{job['name']}.{path.name}")
         # OPT-1.3B checkpoints are ~16 GB each: keep only the one a later job resumes from.
         needed = {j["resumes"][0] for j in all_jobs[all_jobs.index(job) + 1:] if "resumes" in j}
         for name in [job["name"], *(job["resumes"][:1] if "resumes" in job else [])]:
             if name not in needed:
                 shutil.rmtree(work / name / "checkpoints", ignore_errors=True)
                 shutil.rmtree(work / name / "hf", ignore_errors=True)
-    for rnd in ("r1", "r2"):
+    for rnd in ("r1", "r2", "r3"):
         for one, two in [("opt125m_tree_gpu1", "opt125m_tree_ddp2"), ("opt1.3b_tree_gpu1", "opt1.3b_tree_fsdp2"),
                          ("opt1.3b_tree_nostats_gpu1", "opt1.3b_tree_nostats_fsdp2"),
-                         ("opt1.3b_dense_gpu1", "opt1.3b_dense_fsdp2")]:
+                         ("opt1.3b_dense_gpu1", "opt1.3b_dense_fsdp2"), ("opt1.3b_tree_gpu1", "opt1.3b_tree_fsdp2_nolimit")]:
             if (c := compare(summary, f"{one}_{rnd}", f"{two}_{rnd}")) is not None:
                 summary.setdefault("comparisons", []).append(c)
     summary["fsdp_resume"] = resume_check(summary)

@@ -126,7 +126,7 @@ def queue(name: str, shape: dict, data: list[str], smoke: bool) -> list[dict]:
                  plain(2), run("tree", 2), run("dense", 2),
                  {"name": "layers", "kind": "layers", "need_s": 40 if not smoke else 200}]
     else:
-        jobs += [run("dense", 1), run("tree", 1), profile("tree"), run("tree", 2), run("dense", 2),
+        jobs += [run("dense", 1), run("tree", 1), profile("tree"), profile("dense"), run("tree", 2), run("dense", 2),
                  run("tree_compile", 1), run("dense_compile", 1), run("tree_k8d9_grouped", 1),
                  run("tree_k8d9_compile", 1)]
     return jobs

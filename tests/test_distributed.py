@@ -241,6 +241,7 @@ def test_global_batch_tokens_sets_accumulation():
     ("trainer.devices=0", "trainer.devices=0 is not allowed"),
     ("optim.global_batch_tokens=0", "optim.global_batch_tokens=0 is not allowed"),
     ("trainer.fsdp.sharding_strategy=HALF", "trainer.fsdp.sharding_strategy='HALF' is not allowed"),
+    ("trainer.fsdp.limit_all_gathers=some", "trainer.fsdp.limit_all_gathers='some' is not allowed; choose true or false"),
 ])
 def test_scale_out_settings_are_checked(cache_dir, override, fragment):
     from treeffn.config import validate_train_config
@@ -252,6 +253,20 @@ def test_scale_out_settings_are_checked(cache_dir, override, fragment):
     both = make_cfg(cache_dir, "optim.global_batch_tokens=1024", "trainer.accumulate_grad_batches=4")
     with pytest.raises(ConfigError, match="drop trainer.accumulate_grad_batches=4"):
         validate_train_config(both)
+
+
+@pytest.mark.parametrize("limit", [True, False])
+def test_fsdp_strategy_takes_the_configured_settings(cache_dir, limit):
+    from treeffn.models.build import build_model
+    from treeffn.training.distributed import make_strategy
+
+    cfg = make_cfg(cache_dir, "trainer=fsdp", f"trainer.fsdp.limit_all_gathers={str(limit).lower()}",
+                   "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP", "tree.depth=2", "model.num_hidden_layers=2")
+    model = build_model(cfg["model"], cfg["tree"], vocab_size=64, pad_id=1, bos_id=0, eos_id=0)
+    strategy = make_strategy(cfg["trainer"], model, "bf16-mixed")
+    assert strategy.kwargs["limit_all_gathers"] is limit
+    assert strategy.sharding_strategy.name == "SHARD_GRAD_OP"
+    assert strategy.mixed_precision.reduce_dtype == __import__("torch").float32
 
 
 def test_fsdp_on_cpus_is_refused_with_the_alternative(cache_dir):

@@ -136,3 +136,16 @@ def test_the_progress_bar_counts_optimizer_steps_to_max_steps_over_epochs(tmp_pa
     assert tasks[0].total == 7 and tasks[0].completed == 7
     assert trainer.current_epoch >= 2 * accumulate  # several passes over the 3 batches, one bar
     assert seen[0] == resume_at + (1 if accumulate == 1 else 0) and seen[-1] == 7 and seen == sorted(seen)
+
+
+def test_simple_profiler_writes_host_times_per_hook_into_the_run_dir(tmp_path, cache_dir):
+    """trainer.profiler=simple: Lightning's SimpleProfiler, its table in <run dir>/profile/."""
+    cfg = make_cfg(cache_dir, "tree.depth=2", "trainer.max_steps=12", "trainer.val_check_interval=12",
+                   "trainer.profiler=simple", "logger=csv")
+    assert train(cfg, tmp_path / "run")["status"] == "finished"
+    table = (tmp_path / "run" / "profile" / "fit-host.txt").read_text()
+    for action in ("run_training_batch", "[Callback]RoutingStats.on_train_batch_end", "optimizer_step"):
+        assert action in table, action
+    rows = {cells[1]: cells[2:] for cells in ([c.strip() for c in line.split("|")] for line in table.splitlines())
+            if len(cells) > 4}
+    assert rows["run_training_batch"][1] == "12" and float(rows["run_training_batch"][0]) > 0  # a call a step

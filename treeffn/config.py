@@ -256,6 +256,8 @@ def validate_train_config(cfg: dict) -> None:
         raise ConfigError(f"trainer.val_at_start={val_at_start!r} is not allowed; choose one of: auto, true, false")
     if not isinstance(trainer.get("compile", False), bool):
         raise ConfigError(f"trainer.compile={trainer.get('compile')!r} is not allowed; choose true or false")
+    if trainer.get("profiler") not in (None, "simple"):
+        raise ConfigError(f"trainer.profiler={trainer.get('profiler')!r} is not allowed; choose null or simple")
     _int_at_least("optim.warmup_steps", optim.get("warmup_steps"), 0)
     _int_at_least("checkpoint.every_n_steps", cfg["checkpoint"].get("every_n_steps"), 1)
     _int_at_least("guard.max_non_finite_steps", cfg.get("guard", {}).get("max_non_finite_steps"), 1)
@@ -299,6 +301,9 @@ def validate_scale_out(trainer: dict, optim: dict) -> None:
     fsdp = trainer.get("fsdp") or {}
     if "sharding_strategy" in fsdp:
         _allowed("trainer.fsdp.sharding_strategy", fsdp["sharding_strategy"], FSDP_SHARDING)
+    for key in ("activation_checkpointing", "limit_all_gathers"):
+        if not isinstance(fsdp.get(key, False), bool):
+            raise ConfigError(f"trainer.fsdp.{key}={fsdp[key]!r} is not allowed; choose true or false")
 
 
 def validate_leaf_family(model: dict, tree: dict) -> None:

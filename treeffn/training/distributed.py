@@ -110,7 +110,8 @@ def make_strategy(trainer_cfg: dict, model: torch.nn.Module, precision: str):
         return FSDPStrategy(auto_wrap_policy=units,
                             activation_checkpointing_policy=units if fsdp.get("activation_checkpointing") else None,
                             sharding_strategy=fsdp.get("sharding_strategy", "FULL_SHARD"),
-                            mixed_precision=mixed, state_dict_type="full", use_orig_params=True)
+                            mixed_precision=mixed, state_dict_type="full", use_orig_params=True,
+                            limit_all_gathers=bool(fsdp.get("limit_all_gathers", True)))
     return "auto"
 
 

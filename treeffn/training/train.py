@@ -288,6 +288,11 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         StepProgressBar(leave=True),  # steps to trainer.max_steps, with the time left
     ]
     precision = precision_for(t["precision"])
+    profiler = None
+    if t.get("profiler") == "simple":
+        from lightning.pytorch.profilers import SimpleProfiler
+
+        profiler = SimpleProfiler(dirpath=run_dir / "profile", filename="host")  # fit-host[-<rank>].txt
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t["accelerator"],
@@ -313,6 +318,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],  # temp file in checkpoints/, fsync, rename: never half a checkpoint
         enable_model_summary=False,
+        profiler=profiler,
     )
     # The device count is known now (from the Trainer, which reads Slurm/torchrun settings too).
     trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
