@@ -149,3 +149,43 @@ def test_simple_profiler_writes_host_times_per_hook_into_the_run_dir(tmp_path, c
     rows = {cells[1]: cells[2:] for cells in ([c.strip() for c in line.split("|")] for line in table.splitlines())
             if len(cells) > 4}
     assert rows["run_training_batch"][1] == "12" and float(rows["run_training_batch"][0]) > 0  # a call a step
+
+
+def test_the_heap_is_frozen_while_training_and_thawed_after_it_or_a_crash(tmp_path, cache_dir):
+    """FrozenHeap: objects alive at the start of training leave the collector's scans (gc.freeze)
+    during training, and are handed back when training ends, normally or by an exception, so
+    a sweep running several jobs in one process can free the earlier jobs' models."""
+    import gc
+
+    import lightning as L
+
+    from treeffn.training import callbacks
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.setdefault("frozen", gc.get_freeze_count())
+            if batch_idx == 3 and seen.get("crash"):
+                raise RuntimeError("crash in step 4")
+
+    real = callbacks.FrozenHeap.on_train_start
+
+    def with_probe(self, trainer, pl_module):
+        trainer.callbacks.append(Probe())
+        return real(self, trainer, pl_module)
+
+    callbacks.FrozenHeap.on_train_start = with_probe
+    try:
+        cfg = make_cfg(cache_dir, "tree.depth=2", "trainer.max_steps=6", "trainer.val_check_interval=6", "logger=csv")
+        assert train(cfg, tmp_path / "run")["status"] == "finished"
+        assert seen["frozen"] > 100_000  # the libraries, the model and the optimizer
+        assert gc.get_freeze_count() == 0
+        seen.clear()
+        seen["crash"] = True
+        with pytest.raises(RuntimeError, match="crash in step 4"):
+            train(make_cfg(cache_dir, "tree.depth=2", "trainer.max_steps=6", "trainer.val_check_interval=6",
+                           "logger=csv"), tmp_path / "crashed")
+        assert seen["frozen"] > 100_000 and gc.get_freeze_count() == 0
+    finally:
+        callbacks.FrozenHeap.on_train_start = real

@@ -1,7 +1,8 @@
-"""Callbacks: training throughput and per-layer routing summaries of tree models."""
+"""Callbacks: training throughput, the host's garbage collection, per-layer routing summaries of tree models."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import lightning as L
@@ -10,6 +11,25 @@ import torch
 
 from treeffn.analysis.routing import layer_summary, leaf_counts, level_logit_means, mean_over_layers, usage_histogram
 from treeffn.models.swap import tree_layers
+
+
+class FrozenHeap(L.Callback):
+    """Moves every object alive when training starts (modules, optimizer, imported libraries:
+    ~540k objects for OPT-125M on the CPU) out of the garbage collector's reach with gc.freeze.
+    Python's full collection scans every tracked object: in 300 CPU steps of OPT-125M one ran and
+    held the host 291 ms, none with the heap frozen (results/host_gc/). On a GPU such a pause is
+    idle time whenever the host does not run ahead (FSDP, small steps), and with several ranks
+    every rank waits for the paused one. The freeze costs one collection before the first step."""
+
+    def on_train_start(self, trainer, pl_module):
+        gc.collect()
+        gc.freeze()
+
+    def on_train_end(self, trainer, pl_module):
+        gc.unfreeze()
+
+    def on_exception(self, trainer, pl_module, exception):
+        gc.unfreeze()
 
 
 class Throughput(L.Callback):

@@ -244,7 +244,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
 
     from treeffn.data.datamodule import TextDataModule
     from treeffn.models.build import accounting, build_model
-    from treeffn.training.callbacks import InitialCheckpoint, RoutingStats, Throughput
+    from treeffn.training.callbacks import FrozenHeap, InitialCheckpoint, RoutingStats, Throughput
     from treeffn.training.lm_module import CausalLMModule
     from treeffn.training.progress import StepProgressBar
     from treeffn.training.distributed import (RankSeed, accumulation, check_resume_batch, is_fsdp, launched_ranks,
@@ -278,6 +278,7 @@ def _train(cfg: dict, run_dir: Path, command: dict | None) -> dict:
                            every_n_train_steps=cfg["checkpoint"]["every_n_steps"],
                            save_top_k=-1 if cfg["checkpoint"]["keep_all"] else 1, monitor=None,
                            enable_version_counter=False),
+        FrozenHeap(),
         throughput := Throughput(tokens_per_step=0),
         *([routing] if with_stats else []),
         *([InitialCheckpoint(run_dir / "checkpoints" / INITIAL_CHECKPOINT)] if with_stats else []),
